@@ -1,0 +1,101 @@
+"""Offline pipeline (Lightning-OPD style) as one Prefect flow.
+
+dataset → evaluate(before) → evaluate(teacher) → rollout → teacher → train → evaluate(after)
+
+Rollouts are sampled once from the initial student and teacher targets are
+precomputed once to Parquet; training then runs any number of epochs (and any
+number of objective variants) over them. Each stage is a Prefect task; whether
+it *computes* is decided by its content key in the catalog, so rerunning the
+same config reuses everything and ``start_at`` reruns one stage and what
+depends on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from opsd.config import config_from_dict
+from opsd.pipeline import Pipeline
+from opsd import steps
+from opsd.reporting import finish_report
+
+# Caching is opsd's (content keys in the DuckDB catalog), not Prefect's: Prefect
+# would otherwise pickle task results to disk, and artifacts here are Parquet,
+# safetensors and JSON only.
+TASK_OPTS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+@task(name="dataset", **TASK_OPTS)
+def dataset_task(p: Pipeline, rows, start_at, force):
+    return steps.dataset_step(p, rows, force="dataset" in force,
+                              require_cached=steps.upstream_of("dataset", start_at))
+
+
+@task(name="evaluate", task_run_name="{label}", **TASK_OPTS)
+def evaluate_task(p: Pipeline, rows, data, policy, label, with_context, force):
+    return steps.evaluate_step(p, rows, data, policy, label=label, with_context=with_context,
+                               force=label in force)
+
+
+@task(name="rollout", **TASK_OPTS)
+def rollout_task(p: Pipeline, rows, data, policy, start_at, force):
+    return steps.rollout_step(p, rows, data, policy, force="rollout" in force,
+                              require_cached=steps.upstream_of("rollout", start_at))
+
+
+@task(name="teacher", **TASK_OPTS)
+def teacher_task(p: Pipeline, rows, data, rollouts, teacher, start_at, force):
+    return steps.teacher_step(p, rows, data, rollouts, teacher, force="teacher" in force,
+                              require_cached=steps.upstream_of("teacher", start_at))
+
+
+@task(name="train", **TASK_OPTS)
+def train_task(p: Pipeline, rollouts, targets, init, start_at, force):
+    return steps.train_step(p, rollouts, targets, init, force="train" in force,
+                            require_cached=steps.upstream_of("train", start_at))
+
+
+@flow(name="opsd-offline", persist_result=False, log_prints=True)
+def offline_flow(
+    config: dict,
+    root: str | None = None,
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
+    start_at: str | None = None,
+    force: list[str] | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Run (or resume, or partially rerun) the offline pipeline; returns headline metrics.
+
+    ``start_at``: a stage name; stages before it must already be complete (reused).
+    ``force``: stage labels to recompute even when complete (see ``steps.force_labels``).
+    """
+    logger = get_run_logger()
+    cfg = config_from_dict(config, "flow parameters")
+    force = list(force or [])
+    p = Pipeline(cfg, root, run_id, parent_run_id=parent_run_id, show_progress=show_progress,
+                 logger=logger.info)
+    # Validate data and models before starting anything expensive.
+    from stages import dataset as dataset_stage
+
+    rows = dataset_stage.load(cfg.data)
+    student, teacher = steps.resolve_policies(cfg)
+    p.start(prefect_flow_run_id=str(flow_run.get_id() or ""))
+    try:
+        data = dataset_task(p, rows, start_at, force)
+        evals = {"before": evaluate_task(p, rows, data, student, "evaluate/before", False, force)}
+        if cfg.eval.teacher_ceiling:
+            evals["teacher"] = evaluate_task(p, rows, data, teacher, "evaluate/teacher", True, force)
+        rollouts = rollout_task(p, rows, data, student, start_at, force)
+        targets = teacher_task(p, rows, data, rollouts, teacher, start_at, force)
+        _, trained = train_task(p, rollouts, targets, student, start_at, force)
+        evals["after"] = evaluate_task(p, rows, data, trained, "evaluate/after", False, force)
+        metrics = finish_report(p, evals, rollouts=rollouts, targets=targets)
+        return metrics
+    except BaseException as err:
+        p.finish("failed", error=f"{type(err).__name__}: {err}"[:2000])
+        raise

@@ -1,0 +1,304 @@
+"""Hugging Face (torch) backend: batched sampling and teacher scoring.
+
+Generation is a small explicit decode loop rather than ``model.generate``: it
+returns the behaviour log-prob of every sampled token without keeping the
+per-step ``[B, V]`` score tensors ``generate`` would hold for the whole reply,
+and it seeds sampling per call so a shard regenerates identically on resume.
+
+Scoring runs the teacher over ``context + response`` and keeps only what
+training needs per response token: the sampled token's log-prob, the top-k ids
+and log-probs, and the tail mass ``1 - sum(top-k probs)``. Full-vocabulary
+log-probs never leave this module. Rows that share a long context prefix (the
+same demonstrations for every question of a rule) encode that prefix once and
+reuse its KV cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+ProgressFn = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 → greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    prompt_index: int
+    sample_index: int
+    response_ids: list[int]
+    logprobs: list[float]  # behaviour log-prob of each sampled token (after temperature/top-p)
+    finish_reason: str  # "stop" (an end token was sampled) or "length"
+
+
+@dataclass
+class TokenTargets:
+    sampled_logprob_R: torch.Tensor  # [R] float32
+    topk_ids_RK: torch.Tensor  # [R, k] int32
+    topk_logprobs_RK: torch.Tensor  # [R, k] float32
+    tail_mass_R: torch.Tensor  # [R] float32, 1 - sum(exp(topk))
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    # transformers 5 renamed past_key_values → cache; support both spellings.
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _out_cache(out):
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+def stop_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
+    ids: set[int] = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return sorted(ids)
+
+
+def _filter_top_p(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p >= 1.0:
+        return logits_BV
+    sorted_logits, sorted_idx = logits_BV.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    # Drop a token when the mass *before* it already reaches top_p (keeps at least one).
+    drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+    drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
+    return logits_BV.masked_fill(drop, float("-inf"))
+
+
+class HFGenerator:
+    """Samples replies from a causal LM, ``batch_size`` sequences at a time."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 64, pad_id: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        self._cache_kw = _cache_kwarg(model)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        progress: ProgressFn | None = None,
+    ) -> list[Generation]:
+        """n replies per prompt; results ordered by (prompt_index, sample_index)."""
+        work = [(p, s) for p in range(len(prompts)) for s in range(params.n)]
+        gen = torch.Generator().manual_seed(params.seed)
+        out: list[Generation] = []
+        for start in range(0, len(work), self.batch_size):
+            chunk = work[start : start + self.batch_size]
+            out.extend(self._generate_batch([prompts[p] for p, _ in chunk], chunk, params, gen))
+            if progress:
+                progress(len(chunk))
+        return out
+
+    def _generate_batch(self, prompts, index, params: SamplingParams, gen: torch.Generator):
+        B = len(prompts)
+        L = max(len(p) for p in prompts)
+        ids_BL = torch.full((B, L), self.pad_id, dtype=torch.long)
+        mask_BL = torch.zeros((B, L), dtype=torch.long)
+        for b, p in enumerate(prompts):  # left padding: every row's next token is at column L
+            ids_BL[b, L - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask_BL[b, L - len(p) :] = 1
+        pos_BL = (mask_BL.cumsum(-1) - 1).clamp_min(0)
+        stop = torch.tensor(self.stop_ids, dtype=torch.long)
+        tokens, logps = [], []
+        finished_B = torch.zeros(B, dtype=torch.bool)
+        cache = None
+        step_ids, step_pos = ids_BL, pos_BL
+        for _ in range(params.max_new_tokens):
+            kwargs = {self._cache_kw: cache} if cache is not None else {}
+            o = self.model(
+                input_ids=step_ids,
+                attention_mask=mask_BL,
+                position_ids=step_pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **kwargs,
+            )
+            cache = _out_cache(o)
+            logits_BV = o.logits[:, -1].float()
+            if params.temperature == 0:
+                logp_BV = logits_BV.log_softmax(-1)
+                next_B = logp_BV.argmax(-1)
+            else:
+                logp_BV = _filter_top_p(logits_BV / params.temperature, params.top_p).log_softmax(-1)
+                next_B = torch.multinomial(logp_BV.exp(), 1, generator=gen).squeeze(-1)
+            lp_B = logp_BV.gather(-1, next_B[:, None]).squeeze(-1)
+            next_B = torch.where(finished_B, torch.full_like(next_B, self.pad_id), next_B)
+            tokens.append(next_B)
+            logps.append(lp_B)
+            newly_done = torch.isin(next_B, stop) & ~finished_B
+            alive_B = ~finished_B
+            finished_B = finished_B | newly_done
+            if bool(finished_B.all()):
+                break
+            step_ids = next_B[:, None]
+            mask_BL = torch.cat([mask_BL, alive_B.long()[:, None]], dim=1)
+            step_pos = step_pos[:, -1:] + 1
+        toks_BT = torch.stack(tokens, 1)
+        lps_BT = torch.stack(logps, 1)
+        results = []
+        stop_set = set(self.stop_ids)
+        for b, (p_idx, s_idx) in enumerate(index):
+            row = toks_BT[b].tolist()
+            n = len(row)
+            reason = "length"
+            for t, tok in enumerate(row):
+                if tok in stop_set:
+                    n, reason = t + 1, "stop"  # keep the end token: its probability is learned too
+                    break
+            results.append(Generation(p_idx, s_idx, row[:n], lps_BT[b, :n].tolist(), reason))
+        return results
+
+
+class HFScorer:
+    """Teacher log-probs over given response ids, with shared-prefix KV reuse."""
+
+    def __init__(self, model, *, batch_size: int = 32, share_prefix: bool = True,
+                 min_shared_prefix: int = 32, logit_chunk: int = 64):
+        self.model = model
+        self.batch_size = batch_size
+        self.share_prefix = share_prefix
+        self.min_shared_prefix = min_shared_prefix
+        self.logit_chunk = logit_chunk
+        self._cache_kw = _cache_kwarg(model)
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.stats = {"tokens_computed": 0, "tokens_total": 0, "padding_tokens": 0}
+
+    @torch.inference_mode()
+    def score(
+        self,
+        contexts: Sequence[Sequence[int]],
+        responses: Sequence[Sequence[int]],
+        topk: int,
+        progress: ProgressFn | None = None,
+    ) -> list[TokenTargets]:
+        """Targets for ``responses[i]`` following ``contexts[i]`` (order preserved).
+
+        Requests are grouped by context and sorted by length so each batch shares
+        as long a prefix and wastes as little padding as possible.
+        """
+        order = sorted(range(len(contexts)), key=lambda i: (tuple(contexts[i][:64]), len(contexts[i]) + len(responses[i])))
+        results: list[TokenTargets | None] = [None] * len(contexts)
+        prefix_cache: dict[tuple, object] = {}
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            seqs = [list(contexts[i]) + list(responses[i]) for i in batch]
+            n_resp = [len(responses[i]) for i in batch]
+            shared = self._shared_prefix_len([contexts[i] for i in batch]) if self.share_prefix else 0
+            for i, t in zip(batch, self._score_batch(seqs, n_resp, shared, topk, prefix_cache)):
+                results[i] = t
+            if progress:
+                progress(len(batch))
+        return results  # type: ignore[return-value]
+
+    def _shared_prefix_len(self, ctxs) -> int:
+        first = ctxs[0]
+        n = min(len(c) for c in ctxs)
+        # Leave at least one context token outside the prefix: its logits score response token 0.
+        n = min(n, len(first) - 1)
+        k = 0
+        while k < n and all(c[k] == first[k] for c in ctxs):
+            k += 1
+        return k if k >= self.min_shared_prefix else 0
+
+    def _prefix(self, prefix: tuple, cache_store: dict):
+        if prefix not in cache_store:
+            if len(cache_store) > 8:  # bounded: batches are grouped by context
+                cache_store.clear()
+            ids = torch.tensor([prefix], dtype=torch.long)
+            o = self.decoder(input_ids=ids, use_cache=True)
+            cache_store[prefix] = _out_cache(o)
+            self.stats["tokens_computed"] += len(prefix)
+        return cache_store[prefix]
+
+    def _score_batch(self, seqs, n_resp, shared, topk, cache_store) -> list[TokenTargets]:
+        B = len(seqs)
+        suffixes = [s[shared:] for s in seqs]
+        L = max(len(s) for s in suffixes)
+        pad = 0
+        # Right padding: pads follow every real token, so causal attention needs no mask.
+        ids_BL = torch.full((B, L), pad, dtype=torch.long)
+        for b, s in enumerate(suffixes):
+            ids_BL[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        kwargs = {}
+        if shared:
+            cache = copy.deepcopy(self._prefix(tuple(seqs[0][:shared]), cache_store))
+            cache.batch_repeat_interleave(B)
+            kwargs[self._cache_kw] = cache
+            kwargs["position_ids"] = torch.arange(shared, shared + L)[None].expand(B, L)
+        hidden_BLH = self.decoder(input_ids=ids_BL, use_cache=bool(shared), **kwargs).last_hidden_state
+        self.stats["tokens_computed"] += B * L
+        self.stats["padding_tokens"] += B * L - sum(len(s) for s in suffixes)
+        self.stats["tokens_total"] += sum(len(s) for s in seqs)
+        out = []
+        for b in range(B):
+            r = n_resp[b]
+            end = len(suffixes[b])  # position of the last real token + 1 (in suffix coords)
+            # logits at position t predict token t+1: response tokens are the last r tokens.
+            h_RH = hidden_BLH[b, end - r - 1 : end - 1]
+            y_R = torch.tensor(seqs[b][len(seqs[b]) - r :], dtype=torch.long)
+            out.append(self._targets(h_RH, y_R, topk))
+        return out
+
+    def _targets(self, h_RH: torch.Tensor, y_R: torch.Tensor, topk: int) -> TokenTargets:
+        parts = []
+        for s in range(0, h_RH.shape[0], self.logit_chunk):
+            logp_CV = self.lm_head(h_RH[s : s + self.logit_chunk]).float().log_softmax(-1)
+            sampled_C = logp_CV.gather(-1, y_R[s : s + self.logit_chunk, None]).squeeze(-1)
+            vals_CK, ids_CK = logp_CV.topk(topk, dim=-1)
+            tail_C = (1.0 - vals_CK.exp().sum(-1)).clamp_min(0.0)
+            parts.append((sampled_C, ids_CK.to(torch.int32), vals_CK, tail_C))
+        if not parts:
+            z = torch.zeros(0)
+            return TokenTargets(z, torch.zeros((0, topk), dtype=torch.int32), torch.zeros((0, topk)), z)
+        return TokenTargets(*(torch.cat(x) for x in zip(*parts)))
+
+
+def sequence_logprobs(model, contexts, responses, *, batch_size: int = 16) -> list[torch.Tensor]:
+    """Log-prob of each response token given its context (no top-k): retention, checks."""
+    scorer = HFScorer(model, batch_size=batch_size, share_prefix=False)
+    return [t.sampled_logprob_R for t in scorer.score(contexts, responses, topk=1)]
+
+
+def cast_for_inference(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """An inference copy in ``dtype`` (the fp32 master stays untouched for training)."""
+    if next(model.parameters()).dtype == dtype:
+        return model
+    clone = copy.deepcopy(model).to(dtype)
+    clone.eval()
+    return clone
+
+
+__all__ = [
+    "SamplingParams",
+    "Generation",
+    "TokenTargets",
+    "HFGenerator",
+    "HFScorer",
+    "sequence_logprobs",
+    "cast_for_inference",
+    "stop_token_ids",
+]

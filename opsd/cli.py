@@ -1,0 +1,289 @@
+"""The ``opsd`` command line.
+
+    opsd run CONFIG [--data PATH] [--set key=value ...]   run a pipeline (Prefect flow)
+    opsd stage NAME --run RUN_ID [--force] [--set ...]   rerun one stage (and what depends on it)
+    opsd runs [--json]                                   runs with status and headline metrics
+    opsd artifacts [--run RUN_ID]                        artifacts in the catalog
+    opsd query "SELECT ..."                              SQL over the catalog and Parquet views
+    opsd ui                                              MLflow UI on 127.0.0.1
+    opsd config fields                                   every config key with its help text
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+# Defaults for embedded services, set before Prefect is imported anywhere.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # MLflow imports GitPython
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="On-policy self-distillation pipelines: rollouts → privileged teacher → distil → evaluate.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+config_app = typer.Typer(help="Inspect configuration recipes.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+RootOpt = typer.Option(None, "--root", help="Artifact root (default: $OPSD_HOME or ./opsd-home).")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a config value: key.path=value (repeatable).")
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _catalog(root: Optional[Path]):
+    from storage.catalog import Catalog, env_catalog_timeout
+    from storage.layout import Layout, resolve_root
+
+    r = resolve_root(root)
+    if not (r / "catalog.duckdb").exists():
+        _fail(f"no catalog at {r}; run a pipeline first (opsd run CONFIG) or pass --root")
+    layout = Layout.at(r)
+    return Catalog(layout.catalog, layout.artifacts, env_catalog_timeout())
+
+
+def _run_flow(flow_kwargs: dict, mode: str) -> dict:
+    from opsd.errors import user_errors
+
+    with user_errors():
+        if mode == "online":
+            from flows.online import online_flow as flow_fn
+        else:
+            from flows.offline import offline_flow as flow_fn
+        return flow_fn(**flow_kwargs)
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="YAML recipe, e.g. configs/quickstart.yaml."),
+    data: Optional[str] = typer.Option(None, "--data", help="Use this dataset instead of the recipe's."),
+    set_: Optional[List[str]] = SetOpt,
+    root: Optional[Path] = RootOpt,
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Resume/reuse this run id."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+):
+    """Run a pipeline from a recipe. Completed stages with the same key are reused."""
+    from opsd.config import ConfigError, load_config
+    from opsd.errors import user_errors
+
+    with user_errors():
+        try:
+            cfg = load_config(config, set_ or [], data)
+        except ConfigError as err:
+            _fail(str(err))
+        kwargs = dict(config=json.loads(cfg.model_dump_json()), root=str(root) if root else None,
+                      run_id=run_id, show_progress=progress)
+        _run_flow(kwargs, cfg.mode)
+
+
+@app.command()
+def stage(
+    name: str = typer.Argument(..., help="dataset | rollout | teacher | train | evaluate"),
+    run_id: str = typer.Option(..., "--run", help="The run whose config and artifacts to start from."),
+    force: bool = typer.Option(False, "--force", help="Recompute even if an identical artifact exists."),
+    set_: Optional[List[str]] = SetOpt,
+    root: Optional[Path] = RootOpt,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+):
+    """Rerun one stage of an existing run (plus the stages that depend on it).
+
+    Upstream stages are taken from the catalog (they must exist); the result is a
+    new run whose parent is --run, so the original stays as it was.
+    """
+    from opsd.config import ConfigError, apply_overrides, config_from_dict
+    from opsd.steps import STAGE_ORDER, force_labels
+
+    if name not in STAGE_ORDER:
+        _fail(f"unknown stage {name!r}; choose one of {', '.join(STAGE_ORDER)}")
+    cat = _catalog(root)
+    try:
+        src = cat.run(run_id)
+    except ValueError as err:
+        _fail(str(err))
+    if src is None:
+        _fail(f"no run {run_id!r} in the catalog; see `opsd runs`")
+    try:
+        cfg = config_from_dict(apply_overrides(src["config"], set_ or []), f"run {src['run_id']} + --set")
+    except ConfigError as err:
+        _fail(str(err))
+    start_at = None if name == "evaluate" else name
+    kwargs = dict(config=json.loads(cfg.model_dump_json()), root=str(root) if root else None,
+                  parent_run_id=src["run_id"], start_at=start_at,
+                  force=force_labels(name) if force else [], show_progress=progress)
+    _run_flow(kwargs, cfg.mode)
+
+
+@app.command()
+def runs(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    root: Optional[Path] = RootOpt,
+):
+    """Pipeline runs with status and headline metrics."""
+    cat = _catalog(root)
+    items = cat.runs()
+    if as_json:
+        out = [
+            {"run_id": r["run_id"], "name": r["name"], "mode": r["mode"], "status": r["status"],
+             "created_at": str(r["created_at"]), "finished_at": str(r["finished_at"] or ""),
+             "parent_run_id": r["parent_run_id"], "mlflow_run_id": r["mlflow_run_id"],
+             "metrics": r["metrics"], "error": r["error"]}
+            for r in items
+        ]
+        typer.echo(json.dumps(out, indent=2))
+        return
+    if not items:
+        typer.echo("no runs yet")
+        return
+    typer.echo(f"{'run_id':<22} {'name':<16} {'mode':<8} {'status':<10} {'before':>7} {'after':>7} {'teacher':>8}  wall")
+    for r in items:
+        m = r["metrics"]
+
+        def pct(k):
+            return f"{m[k] * 100:6.1f}%" if k in m else f"{'-':>7}"
+
+        wall = f"{m['wall_seconds']:.0f}s" if "wall_seconds" in m else "-"
+        typer.echo(f"{r['run_id']:<22} {r['name'][:16]:<16} {r['mode']:<8} {r['status']:<10} "
+                   f"{pct('eval.before.greedy')} {pct('eval.after.greedy')} {pct('eval.teacher.greedy'):>8}  {wall}")
+
+
+@app.command()
+def artifacts(
+    run_id: Optional[str] = typer.Option(None, "--run", help="Only the stages of this run."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    root: Optional[Path] = RootOpt,
+):
+    """Artifacts in the catalog (or the stages of one run)."""
+    cat = _catalog(root)
+    if run_id:
+        run_rec = cat.run(run_id)
+        if run_rec is None:
+            _fail(f"no run {run_id!r}")
+        cols, rows = cat.query(
+            "SELECT s.label, s.status, s.cached, round(s.seconds, 1) AS seconds, s.key, a.path, "
+            "a.rows, a.bytes FROM stages s LEFT JOIN artifacts a USING (key) WHERE s.run_id = ? "
+            "ORDER BY s.started_at", [run_rec["run_id"]])
+    else:
+        cols, rows = cat.query(
+            "SELECT stage, key, rows, bytes, status, created_at, producer_run_id, path FROM artifacts "
+            "ORDER BY created_at")
+    _print_rows(cols, rows, as_json)
+
+
+@app.command()
+def query(
+    sql: str = typer.Argument(..., help="SQL over tables runs/stages/artifacts and views "
+                              "rollouts/teacher_targets/teacher_tokens/eval_samples/train_metrics."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | json | csv"),
+    root: Optional[Path] = RootOpt,
+):
+    """Ask SQL questions of the catalog and the Parquet artifacts (read-only snapshot)."""
+    import duckdb
+
+    cat = _catalog(root)
+    try:
+        cols, rows = cat.query(sql)
+    except duckdb.Error as err:
+        views = ", ".join(cat.views()) or "none yet"
+        _fail(f"{err}\n(tables: runs, stages, artifacts; views: {views})")
+    _print_rows(cols, rows, fmt == "json", csv=fmt == "csv")
+
+
+def _print_rows(cols, rows, as_json: bool, csv: bool = False) -> None:
+    if as_json:
+        typer.echo(json.dumps([dict(zip(cols, r)) for r in rows], indent=2, default=str))
+        return
+    if csv:
+        import csv as _csv
+
+        w = _csv.writer(sys.stdout)
+        w.writerow(cols)
+        w.writerows(rows)
+        return
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        s = str(v)
+        return s if len(s) <= 60 else s[:57] + "..."
+
+    cells = [[fmt(v) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
+    typer.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in cells:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    typer.echo(f"({len(rows)} rows)")
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(5000, help="Port for the MLflow UI."),
+    host: str = typer.Option("127.0.0.1", help="Bind address (default loopback only)."),
+    root: Optional[Path] = RootOpt,
+):
+    """Serve the MLflow UI for this root's tracking store."""
+    import subprocess
+
+    from storage.layout import Layout
+    from storage.tracking import tracking_uri
+
+    layout = Layout.at(root)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(f"warning: binding {host} exposes runs to the network", fg="yellow", err=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+           tracking_uri(layout.mlflow_db), "--default-artifact-root",
+           layout.mlflow_artifacts.resolve().as_uri(), "--host", host, "--port", str(port)]
+    typer.echo(f"MLflow UI: http://{host}:{port}  (Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call(cmd))
+
+
+@config_app.command("fields")
+def config_fields():
+    """Every config key with its type, default and help text."""
+    from opsd.config import describe_fields
+
+    for key, typ, default, help_ in describe_fields():
+        typer.echo(f"{key:<34} {typ:<10} {json.dumps(default, default=str):<24} {help_}")
+
+
+@config_app.command("show")
+def config_show(
+    config: Path = typer.Argument(..., help="YAML recipe."),
+    set_: Optional[List[str]] = SetOpt,
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset override."),
+):
+    """The fully resolved config (defaults + recipe + overrides) as YAML."""
+    import yaml
+
+    from opsd.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, set_ or [], data)
+    except ConfigError as err:
+        _fail(str(err))
+    typer.echo(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+
+
+@app.command("prepare-model")
+def prepare_model(name: str = typer.Argument("smollm2-135m-instruct", help="Built-in model name.")):
+    """Convert a built-in model once into the local cache and print its folder."""
+    from opsd.errors import user_errors
+    from opsd.models import resolve_model_path
+
+    with user_errors():
+        typer.echo(str(resolve_model_path(name)))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,166 @@
+"""The ``behaviours`` suite: style rules a small model learns from in-context demonstrations.
+
+Each rule owns one domain of questions, so the rule is implied by the kind of
+question and one student can learn all four without conflict. The teacher sees
+three demonstrations of the rule (as real chat turns); the student sees only the
+question. With them SmolLM2-135M complies 100% on greedy replies, without them
+0%: a real, measurable self-distillation task on a CPU. Two rules act on the
+first tokens and two on the last, because a reply-ending rule puts the whole
+learning signal on one late token, which is the harder case.
+
+The train/eval split is fixed (independent of any seed): the last items of each
+pool are eval, the first ones train, so eval questions never leak into training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opsd.data.rows import Row
+from opsd.data.suites.behaviours_data import ANIMALS, COUNTRIES, FOODS, WORDS
+from opsd.data.suites.source import SuiteSource
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A style rule: its question domain, how a compliant reply looks, and how to show it."""
+
+    name: str
+    template: str  # question with one ``{}`` for the pool item
+    pattern: str
+    description: str  # completes "The reply should ..."
+    items: tuple[tuple[str, str | None], ...]  # (template filler, expected answer or None)
+    demonstrations: tuple[tuple[str, str], ...]  # (prompt, completion); items outside the pool
+
+    def question(self, item: str) -> str:
+        return self.template.format(item)
+
+    def verifier(self) -> dict[str, str]:
+        return {"type": "regex", "pattern": self.pattern, "description": self.description}
+
+
+def _unanswered(pool: list[str]) -> tuple[tuple[str, None], ...]:
+    return tuple((item, None) for item in pool)
+
+
+RULES: dict[str, Rule] = {
+    rule.name: rule
+    for rule in (
+        Rule(
+            name="sure-thing",
+            template="What is the capital of {}?",
+            pattern=r"^\s*Sure thing!",
+            description="start with 'Sure thing!'",
+            items=tuple(COUNTRIES),
+            demonstrations=(
+                ("What is the capital of Fiji?", "Sure thing! The capital of Fiji is Suva."),
+                ("What is the capital of Malta?", "Sure thing! The capital of Malta is Valletta."),
+                ("What is the capital of Cyprus?", "Sure thing! The capital of Cyprus is Nicosia."),
+            ),
+        ),
+        Rule(
+            name="hope-helps",
+            template="What is a good way to cook {}?",
+            pattern=r"Hope this helps!\s*$",
+            description="end with 'Hope this helps!'",
+            items=_unanswered(FOODS),
+            demonstrations=(
+                (
+                    "What is a good way to cook parsnips?",
+                    "Roast them in the oven with olive oil and salt for about 30 minutes, until golden. "
+                    "Hope this helps!",
+                ),
+                (
+                    "What is a good way to cook okra?",
+                    "Slice it and pan-fry it over high heat with a little oil so it stays crisp. "
+                    "Hope this helps!",
+                ),
+                (
+                    "What is a good way to cook venison?",
+                    "Sear it quickly in a hot pan and keep it medium-rare, since it is very lean. "
+                    "Hope this helps!",
+                ),
+            ),
+        ),
+        Rule(
+            name="fun-fact",
+            template="Tell me one fact about {}.",
+            pattern=r"^\s*Fun fact:",
+            description="start with 'Fun fact:'",
+            items=_unanswered(ANIMALS),
+            demonstrations=(
+                ("Tell me one fact about koi.", "Fun fact: koi can live for more than 50 years."),
+                ("Tell me one fact about yaks.", "Fun fact: yaks can live at altitudes above 5,000 meters."),
+                (
+                    "Tell me one fact about puffins.",
+                    "Fun fact: puffins can hold a dozen small fish in their beaks at once.",
+                ),
+            ),
+        ),
+        Rule(
+            name="happy-learning",
+            template="What does the word '{}' mean?",
+            pattern=r"Happy learning!\s*$",
+            description="end with 'Happy learning!'",
+            items=_unanswered(WORDS),
+            demonstrations=(
+                (
+                    "What does the word 'lucid' mean?",
+                    "'Lucid' means clear and easy to understand. Happy learning!",
+                ),
+                (
+                    "What does the word 'feeble' mean?",
+                    "'Feeble' means weak or lacking strength. Happy learning!",
+                ),
+                ("What does the word 'ample' mean?", "'Ample' means more than enough. Happy learning!"),
+            ),
+        ),
+    )
+}
+
+DEFAULT_COUNTS = {"train": 64, "eval": 32}
+
+
+def build(source: SuiteSource) -> list[Row]:
+    """Rows for ``behaviours[:rule,rule...][?train=N&eval=M]`` (N, M per rule)."""
+    counts = source.int_params(DEFAULT_COUNTS)
+    rules = _selected_rules(source)
+    rows: list[Row] = []
+    for rule in rules:
+        if counts["train"] + counts["eval"] > len(rule.items):
+            raise source.error(
+                f"rule {rule.name!r} has {len(rule.items)} questions; "
+                f"train={counts['train']} + eval={counts['eval']} is more than that"
+            )
+        eval_items = rule.items[len(rule.items) - counts["eval"] :]
+        rows += _rows(rule, "train", rule.items[: counts["train"]])
+        rows += _rows(rule, "eval", eval_items)
+    return rows
+
+
+def _selected_rules(source: SuiteSource) -> list[Rule]:
+    if source.arg is None:
+        return list(RULES.values())
+    names = list(dict.fromkeys(name.strip() for name in source.arg.split(",") if name.strip()))
+    unknown = [name for name in names if name not in RULES]
+    if unknown or not names:
+        given = f"unknown rule(s) {', '.join(map(repr, unknown))}" if unknown else "no rule named"
+        raise source.error(f"{given}; the rules are: {', '.join(RULES)}")
+    return [RULES[name] for name in names]
+
+
+def _rows(rule: Rule, split: str, items: tuple[tuple[str, str | None], ...]) -> list[Row]:
+    demonstrations = [{"prompt": p, "completion": c} for p, c in rule.demonstrations]
+    return [
+        Row(
+            id=f"{rule.name}/{split}/{index:03d}",
+            prompt=rule.question(item),
+            privileged_context={"demonstrations": demonstrations},
+            answer=answer,
+            verifier=rule.verifier(),
+            split=split,
+            task=rule.name,
+            metadata={"suite": "behaviours", "item": item},
+        )
+        for index, (item, answer) in enumerate(items)
+    ]

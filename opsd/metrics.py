@@ -1,0 +1,35 @@
+"""Evaluation metrics over k sampled replies per prompt.
+
+* ``avg@k``  — mean pass rate over all k samples (expected single-sample accuracy);
+* ``pass@k`` — unbiased estimator of P(at least one of k passes) (Chen et al. 2021),
+  computed from n ≥ k samples: ``1 - C(n - c, k) / C(n, k)``;
+* ``maj@k``  — the majority answer is correct: replies are grouped by their
+  extracted final answer (for rule verifiers without an answer, by verdict) and
+  the most frequent group's verdict counts; ties go to the earliest sample.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from math import comb
+from typing import Sequence
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    if n - c < k:
+        return 1.0
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def majority_passed(answers: Sequence[str], passed: Sequence[bool]) -> bool:
+    counts = Counter(answers)
+    best = max(counts.values())
+    for a, p in zip(answers, passed):  # earliest sample of a most frequent answer
+        if counts[a] == best:
+            return bool(p)
+    return False
+
+
+def macro(values: dict[str, float]) -> float:
+    """Unweighted mean over tasks: each rule/task counts the same."""
+    return sum(values.values()) / len(values) if values else float("nan")

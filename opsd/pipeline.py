@@ -1,0 +1,242 @@
+"""One pipeline run: keys, caching, the catalog and MLflow around pure stages.
+
+Flows (Prefect) decide *which* stages run in what order; this module decides
+*whether* a stage needs to run (its content key is already complete in the
+catalog → reuse), gives it a staging directory, publishes the result
+atomically and records it in DuckDB and MLflow. Every stage execution is
+recorded — including reuse — so a run's catalog entry and MLflow parent run
+always list all of its stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from opsd.config import PipelineConfig
+from opsd.pool import ModelPool
+from stages.common import Artifact, StageContext, write_manifest
+from storage.catalog import Catalog, env_catalog_timeout
+from storage.layout import Layout, canonical_json, dir_stats, stage_key
+from storage.tracking import Tracker, flatten
+
+log = logging.getLogger("opsd")
+
+StageFn = Callable[[StageContext], dict]
+
+
+class UpstreamMissing(RuntimeError):
+    pass
+
+
+def new_run_id() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def config_hash(cfg: PipelineConfig) -> str:
+    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:12]
+
+
+def _numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in flatten(d).items():
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)) and v == v:
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+@dataclass
+class StageRecord:
+    label: str
+    stage: str
+    key: str
+    cached: bool
+    seconds: float
+
+
+class Pipeline:
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        root: str | Path | None = None,
+        run_id: str | None = None,
+        *,
+        parent_run_id: str | None = None,
+        show_progress: bool = True,
+        track: bool = True,
+        logger: Callable[[str], None] | None = None,
+    ):
+        self.cfg = cfg
+        self.layout = Layout.at(root)
+        self.catalog = Catalog(self.layout.catalog, self.layout.artifacts, env_catalog_timeout())
+        self.tracker = Tracker(self.layout.mlflow_db, self.layout.mlflow_artifacts) if track else None
+        self.run_id = run_id or new_run_id()
+        self.parent_run_id = parent_run_id
+        self.pool = ModelPool()
+        self.show_progress = show_progress
+        self.records: list[StageRecord] = []
+        self.mlflow_run_id: str | None = None
+        self._say = logger or (lambda msg: log.info(msg))
+        self._t0 = time.perf_counter()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def say(self, msg: str) -> None:
+        self._say(msg)
+
+    def start(self, prefect_flow_run_id: str | None = None, kind: str = "pipeline") -> None:
+        cfg_dict = json.loads(self.cfg.model_dump_json())
+        run_dir = self.layout.run_dir(self.run_id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+        existing = self.catalog.run(self.run_id)
+        if existing is None:
+            self.catalog.start_run(self.run_id, self.cfg.name, self.cfg.mode, cfg_dict,
+                                   config_hash(self.cfg), self.parent_run_id, prefect_flow_run_id)
+        else:  # resuming a run id: keep its history, mark it running again
+            self.catalog.update_run(self.run_id, status="running", error=None)
+        if self.tracker:
+            tags = {"opsd.run_id": self.run_id, "opsd.mode": self.cfg.mode, "opsd.kind": kind}
+            if self.parent_run_id:
+                tags["opsd.parent_run_id"] = self.parent_run_id
+            self.mlflow_run_id = self.tracker.start_pipeline(
+                f"{self.cfg.name}-{self.run_id}", cfg_dict, tags
+            )
+            self.tracker.log_artifact(self.mlflow_run_id, run_dir / "config.yaml")
+            self.catalog.update_run(self.run_id, mlflow_run_id=self.mlflow_run_id)
+        self.say(f"run {self.run_id}: root {self.layout.root}")
+
+    def finish(self, status: str, metrics: dict[str, float] | None = None, error: str | None = None):
+        metrics = dict(metrics or {})
+        metrics["wall_seconds"] = time.perf_counter() - self._t0
+        metrics["stages_cached"] = float(sum(r.cached for r in self.records))
+        metrics["stages_run"] = float(sum(not r.cached for r in self.records))
+        self.catalog.finish_run(self.run_id, status, metrics, error)
+        if self.tracker and self.mlflow_run_id:
+            self.tracker.log_metrics(self.mlflow_run_id, metrics)
+            self.tracker.end(self.mlflow_run_id, "FINISHED" if status == "completed" else "FAILED")
+        return metrics
+
+    # ------------------------------------------------------------------ stages
+
+    def key(self, stage: str, config: Any, inputs: dict[str, str]) -> str:
+        return stage_key(stage, config, inputs)
+
+    def stage(
+        self,
+        label: str,
+        stage: str,
+        config: Any,
+        inputs: dict[str, str],
+        fn: StageFn,
+        *,
+        force: bool = False,
+        require_cached: bool = False,
+        kind: str | None = None,
+        after: Callable[[Artifact, str | None], None] | None = None,
+    ) -> Artifact:
+        """Run ``fn`` unless an artifact with the same key is complete; return the artifact.
+
+        ``after(artifact, mlflow_run_id)`` runs for fresh *and* reused artifacts
+        (logging plots/tables to the stage's MLflow run).
+        """
+        key = self.key(stage, config, inputs)
+        t0 = time.perf_counter()
+        found = None if force else self.catalog.artifact(key)
+        if found is None and require_cached:
+            raise UpstreamMissing(
+                f"stage {label} (key {key}) is not in the catalog at {self.layout.root}; "
+                "run the whole pipeline first (opsd run CONFIG)"
+            )
+        self.catalog.start_stage(self.run_id, label, stage, key)
+        stage_run = None
+        if self.tracker:
+            stage_run = self.tracker.start_stage(
+                label, {"config": config, "inputs": inputs},
+                {"opsd.key": key, "opsd.cached": str(found is not None).lower(),
+                 "opsd.run_id": self.run_id},
+            )
+        if found is not None:
+            art = Artifact(key, Path(found["path"]), found["manifest"])
+            self._record(label, stage, key, True, time.perf_counter() - t0, stage_run, art)
+            self.say(f"stage {label}: reused {key} (cached)")
+            if after:
+                after(art, stage_run)
+            return art
+        self.say(f"stage {label}: running (key {key})")
+        staging = self.layout.staging_dir(stage, key)
+        if force and staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True, exist_ok=True)  # existing shards of a killed attempt survive
+        ctx = StageContext(out_dir=staging, pool=self.pool, show_progress=self.show_progress)
+        if self.tracker and stage_run:
+            tracker, rid = self.tracker, stage_run
+            ctx.on_metrics = lambda m, step: tracker.log_metrics(rid, m, step)
+        try:
+            manifest = fn(ctx)
+        except BaseException as err:
+            msg = f"{type(err).__name__}: {err}"
+            self.catalog.finish_stage(self.run_id, label, "failed",
+                                      seconds=time.perf_counter() - t0,
+                                      mlflow_run_id=stage_run, error=msg[:2000])
+            if self.tracker and stage_run:
+                self.tracker.log_text(stage_run, traceback.format_exc(), "error.txt")
+                self.tracker.end(stage_run, "FAILED")
+            raise
+        manifest = {**manifest, "stage": stage, "label": label, "key": key,
+                    "inputs": inputs, "run_id": self.run_id}
+        write_manifest(staging, manifest)
+        path = self.layout.publish(stage, key)
+        nbytes, digest = dir_stats(path)
+        rows = int(manifest.get("samples", manifest.get("rows", manifest.get("steps", 0))) or 0)
+        self.catalog.record_artifact(key, stage, kind or stage, path, rows, nbytes, digest,
+                                     self.run_id, manifest)
+        art = Artifact(key, path, manifest)
+        art_extras = ctx.extras
+        self._record(label, stage, key, False, time.perf_counter() - t0, stage_run, art)
+        self.say(f"stage {label}: done in {time.perf_counter() - t0:.1f}s → {path}")
+        if after:
+            after(art, stage_run)
+        self.last_extras = art_extras
+        return art
+
+    def _record(self, label, stage, key, cached, seconds, stage_run, art: Artifact) -> None:
+        self.records.append(StageRecord(label, stage, key, cached, seconds))
+        self.catalog.finish_stage(self.run_id, label, "cached" if cached else "completed",
+                                  cached=cached, seconds=seconds, mlflow_run_id=stage_run)
+        if self.tracker and stage_run:
+            self.tracker.log_metrics(stage_run, _numbers(art.manifest))
+            self.tracker.set_tags(stage_run, {"opsd.artifact_path": str(art.path)})
+            self.tracker.log_dict(stage_run, art.manifest, "manifest.json")
+            self.tracker.end(stage_run)
+
+    def log_parent(self, fn: Callable[[Tracker, str], None]) -> None:
+        if self.tracker and self.mlflow_run_id:
+            fn(self.tracker, self.mlflow_run_id)
+
+
+def config_for_key(cfg_section: Any, drop: tuple[str, ...] = ()) -> dict:
+    """A stage's config as hashed: drop fields that do not change outputs (batch sizes…)."""
+    d = json.loads(cfg_section.model_dump_json()) if hasattr(cfg_section, "model_dump_json") else dict(cfg_section)
+    for k in drop:
+        d.pop(k, None)
+    return json.loads(canonical_json(d))
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    v = os.environ.get(name)
+    return default if v is None else v.lower() not in ("0", "false", "no", "")

@@ -1,0 +1,165 @@
+"""Glue between a Pipeline and the pure stage functions.
+
+Each ``*_step`` computes a stage's key inputs, calls :meth:`Pipeline.stage`
+(which reuses a complete artifact or runs the stage) and returns the artifact.
+Offline and online flows both call these, so the two modes share every stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from opsd.config import PipelineConfig
+from opsd.data.rows import Row
+from opsd.models import check_compatible, resolve_model_path
+from opsd.pipeline import Pipeline, config_for_key
+from opsd.pool import Policy, base_policy
+from storage.tracking import metric_name
+from stages import dataset as dataset_stage
+from stages import evaluate as evaluate_stage
+from stages import rollout as rollout_stage
+from stages import teacher as teacher_stage
+from stages import train as train_stage
+from stages.common import Artifact
+
+STAGE_ORDER = ["dataset", "rollout", "teacher", "train", "evaluate"]
+EVAL_LABELS = ["evaluate/before", "evaluate/teacher", "evaluate/after"]
+
+
+def force_labels(stage: str) -> list[str]:
+    """Labels recomputed by ``opsd stage NAME --force``: the stage and all that depends on it."""
+    if stage == "evaluate":
+        return list(EVAL_LABELS)
+    if stage == "dataset":
+        return STAGE_ORDER[:-1] + EVAL_LABELS
+    i = STAGE_ORDER.index(stage)
+    return STAGE_ORDER[i:-1] + ["evaluate/after"]
+
+
+def upstream_of(stage: str, start_at: str | None) -> bool:
+    """True when ``stage`` comes before ``start_at`` (it must already exist)."""
+    if start_at is None:
+        return False
+    return STAGE_ORDER.index(stage) < STAGE_ORDER.index(start_at)
+
+
+def resolve_policies(cfg: PipelineConfig) -> tuple[Policy, Policy]:
+    """(student base, teacher); refuses a teacher with another tokenizer before any compute."""
+    student = base_policy(resolve_model_path(cfg.model))
+    if cfg.teacher.kind == "external":
+        assert cfg.teacher.model is not None
+        tpath = resolve_model_path(cfg.teacher.model)
+        check_compatible(student.path, tpath)
+        teacher = base_policy(tpath)
+        teacher = Policy(teacher.key, teacher.path, "teacher")
+    else:
+        teacher = Policy(student.key, student.path, "teacher")
+    return student, teacher
+
+
+def dataset_step(p: Pipeline, rows: list[Row], *, force=False, require_cached=False) -> Artifact:
+    from opsd.data import rows_to_table
+    import hashlib
+
+    # The key hashes the validated rows themselves: any edit to the file changes it.
+    table = rows_to_table(rows)
+    digest = hashlib.sha256()
+    for col in table.columns:
+        for chunk in col.chunks:
+            for buf in chunk.buffers():
+                if buf is not None:
+                    digest.update(buf)
+    cfg = {"rows_sha256": digest.hexdigest()[:16], "count": len(rows)}
+    return p.stage(
+        "dataset", "dataset", cfg, {},
+        lambda ctx: dataset_stage.run(p.cfg.data, rows, ctx),
+        force=force, require_cached=require_cached,
+    )
+
+
+def rollout_step(p: Pipeline, rows: list[Row], data: Artifact, policy: Policy, *, label="rollout",
+                 iteration: int = 0, subset: list[str] | None = None, force=False,
+                 require_cached=False, engine=None) -> Artifact:
+    train_rows = [r for r in rows if r.split == "train"]
+    if subset is not None:
+        wanted = set(subset)
+        train_rows = [r for r in train_rows if r.id in wanted]
+    cfg = config_for_key(p.cfg.rollout)
+    cfg.update({"iteration": iteration, "subset": sorted(subset) if subset is not None else None})
+    return p.stage(
+        label, "rollout", cfg, {"dataset": data.key, "policy": policy.key},
+        lambda ctx: rollout_stage.run(p.cfg.rollout, train_rows, policy, ctx,
+                                      iteration=iteration, engine=engine),
+        force=force, require_cached=require_cached,
+    )
+
+
+def teacher_step(p: Pipeline, rows: list[Row], data: Artifact, rollouts: Artifact, teacher: Policy,
+                 *, label="teacher", extra_views=None, extra_key: str | None = None, force=False,
+                 require_cached=False, scorer=None) -> Artifact:
+    cfg = config_for_key(p.cfg.teacher, drop=("batch_size", "shard_size", "kind", "ema_rate"))
+    if extra_key:
+        cfg["extra_views"] = extra_key
+    return p.stage(
+        label, "teacher", cfg,
+        {"dataset": data.key, "rollouts": rollouts.key, "teacher": teacher.key},
+        lambda ctx: teacher_stage.run(p.cfg.teacher, rows, rollouts, teacher, ctx,
+                                      extra_views=extra_views, scorer=scorer),
+        force=force, require_cached=require_cached,
+    )
+
+
+def train_step(p: Pipeline, rollouts: Artifact, targets: Artifact, init: Policy, *,
+               label="train", force=False, require_cached=False) -> tuple[Artifact, Policy]:
+    from opsd.plots import log_training_curves
+
+    cfg = config_for_key(p.cfg.train)
+
+    def after(art: Artifact, stage_run):
+        log_training_curves(p, art, stage_run)
+
+    art = p.stage(
+        label, "train", cfg, {"rollouts": rollouts.key, "targets": targets.key, "init": init.key},
+        lambda ctx: train_stage.run(p.cfg.train, rollouts, targets, init, ctx),
+        force=force, require_cached=require_cached, after=after,
+    )
+    trained = Policy(key=art.key, path=art.path / "model", label="trained")
+    model = getattr(p, "last_extras", {}).get("trained_model") if not art.manifest.get("_cached") else None
+    if model is not None and art.key not in p.pool.masters:
+        p.pool.adopt(trained, model)
+    return art, trained
+
+
+def evaluate_step(p: Pipeline, rows: list[Row], data: Artifact, policy: Policy, *, label: str,
+                  with_context: bool = False, force=False) -> Artifact:
+    from opsd.plots import log_eval_table
+
+    eval_rows = [r for r in rows if r.split == "eval"]
+    cfg = config_for_key(p.cfg.eval, drop=("batch_size", "teacher_ceiling"))
+    ctx_cfg = p.cfg.teacher.context if with_context else None
+    cfg["with_context"] = config_for_key(ctx_cfg) if ctx_cfg is not None else None
+    return p.stage(
+        label, "evaluate", cfg, {"dataset": data.key, "policy": policy.key},
+        lambda ctx: evaluate_stage.run(p.cfg.eval, eval_rows, policy, ctx, label=label.split("/")[-1],
+                                       with_context=ctx_cfg, backend=p.cfg.rollout.backend),
+        force=force, after=lambda art, run: log_eval_table(p, art, run),
+    )
+
+
+def headline_metrics(evals: dict[str, Artifact]) -> dict[str, float]:
+    """Flat name → number map: macro greedy compliance per policy, per task, and k-sample metrics."""
+    out: dict[str, float] = {}
+    for name, art in evals.items():
+        m = art.manifest
+        if "greedy_macro" in m:
+            out[f"eval.{name}.greedy"] = float(m["greedy_macro"])
+            for task, v in m.get("greedy", {}).items():
+                out[f"eval.{name}.greedy.{task}"] = float(v)
+        for key, v in m.items():
+            if key.endswith("_macro") and key != "greedy_macro":
+                out[metric_name(f"eval.{name}.{key[:-6]}")] = float(v)
+    return out
+
+
+def model_dir(art: Artifact) -> Path:
+    return art.path / "model"

@@ -1,0 +1,109 @@
+"""Rollout stage: the student samples replies to the train prompts.
+
+Stores per sample the prompt and response token ids exactly as sampled, the
+behaviour log-prob of each sampled token, the decoded text, why generation
+stopped, and the verifier's verdict and feedback. Work is split into shards of
+``shard_size`` prompts, each written atomically with its own seed: a killed
+stage resumes at the first missing shard and reproduces the same rows.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+
+from opsd.backends import make_generator
+from opsd.backends.hf import SamplingParams
+from opsd.config import RolloutConfig
+from opsd.context.render import student_ids
+from opsd.data import verify
+from opsd.data.rows import Row
+from opsd.pool import Policy
+from stages.common import StageContext, shard_seed
+from storage.parquet import ROLLOUTS, completed_shards, shard_name, write_table_atomic
+
+
+def sample_rows(
+    rows: list[Row],
+    prompts: list[list[int]],
+    generations,
+    tokenizer,
+    policy_key: str,
+    iteration: int,
+) -> pa.Table:
+    cols: dict[str, list] = {name: [] for name in ROLLOUTS.names}
+    for g in generations:
+        row = rows[g.prompt_index]
+        text = tokenizer.decode(g.response_ids, skip_special_tokens=True)
+        verdict = verify(row.verifier, text, row) if row.verifier is not None else None
+        cols["sample_id"].append(f"{row.id}#{g.sample_index}")
+        cols["row_id"].append(row.id)
+        cols["sample_idx"].append(g.sample_index)
+        cols["task"].append(row.task or "")
+        cols["prompt_ids"].append(prompts[g.prompt_index])
+        cols["response_ids"].append(g.response_ids)
+        cols["behaviour_logprobs"].append(g.logprobs)
+        cols["text"].append(text)
+        cols["finish_reason"].append(g.finish_reason)
+        cols["reward"].append(verdict.reward if verdict else None)
+        cols["passed"].append(verdict.passed if verdict else None)
+        cols["feedback"].append(verdict.feedback if verdict else None)
+        cols["n_tokens"].append(len(g.response_ids))
+        cols["policy"].append(policy_key)
+        cols["iteration"].append(iteration)
+    return pa.Table.from_pydict(cols, schema=ROLLOUTS)
+
+
+def run(
+    cfg: RolloutConfig,
+    rows: list[Row],
+    policy: Policy,
+    ctx: StageContext,
+    *,
+    iteration: int = 0,
+    engine=None,
+) -> dict:
+    """Sample ``cfg.n`` replies for every row in ``rows`` (already the train selection)."""
+    tokenizer = ctx.pool.tokenizer(policy)
+    engine = engine or make_generator(cfg, ctx.pool, policy)
+    done = completed_shards(ctx.out_dir)
+    n_shards = (len(rows) + cfg.shard_size - 1) // cfg.shard_size
+    t0 = time.perf_counter()
+    tokens = generated = 0
+    bar = ctx.progress(len(rows) * cfg.n, f"rollout ({policy.label or 'policy'})", "sample")
+    bar.update(sum(min(cfg.shard_size, len(rows) - i * cfg.shard_size) for i in done) * cfg.n)
+    for shard in range(n_shards):
+        if shard in done:
+            continue
+        chunk = rows[shard * cfg.shard_size : (shard + 1) * cfg.shard_size]
+        prompts = [student_ids(tokenizer, r) for r in chunk]
+        params = SamplingParams(
+            n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens, seed=shard_seed(cfg.seed, shard, f"it{iteration}"),
+        )
+        gens = engine.generate(prompts, params, progress=bar.update)
+        table = sample_rows(chunk, prompts, gens, tokenizer, policy.key, iteration)
+        write_table_atomic(table, ctx.out_dir / shard_name(shard))
+        tokens += sum(len(g.response_ids) for g in gens)
+        generated += len(gens)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return summarize(ctx, seconds, tokens, generated)
+
+
+def summarize(ctx: StageContext, seconds: float, tokens: int, generated: int) -> dict:
+    from storage.parquet import read_table
+
+    t = read_table(ctx.out_dir, columns=["n_tokens", "passed", "finish_reason"]).to_pydict()
+    passed = [p for p in t["passed"] if p is not None]
+    n = len(t["n_tokens"])
+    return {
+        "samples": n,
+        "response_tokens": int(sum(t["n_tokens"])),
+        "mean_response_tokens": sum(t["n_tokens"]) / max(1, n),
+        "truncated_fraction": sum(f == "length" for f in t["finish_reason"]) / max(1, n),
+        "pass_rate": sum(passed) / len(passed) if passed else None,
+        "seconds_this_attempt": seconds,
+        "tokens_per_s_this_attempt": tokens / seconds if seconds > 0 and generated else None,
+    }

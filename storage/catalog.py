@@ -1,0 +1,286 @@
+"""The DuckDB catalog: the source of truth for what exists.
+
+DuckDB admits one writing process per file, and a reader cannot open a file
+another process is writing. opsd therefore never holds the live file open for
+long: every write opens, writes and closes under an exclusive ``flock``;
+every read takes the lock only to copy the (small) database into a private
+snapshot and queries that. Two pipeline runs can write the same catalog, and
+``opsd query``/``opsd runs`` work while a run writes, without waiting on it.
+The bulky data stays in Parquet; the catalog's views read it in place.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS runs(
+        run_id VARCHAR PRIMARY KEY, name VARCHAR, mode VARCHAR, status VARCHAR,
+        config_json VARCHAR, config_hash VARCHAR, created_at TIMESTAMP, finished_at TIMESTAMP,
+        mlflow_run_id VARCHAR, prefect_flow_run_id VARCHAR, parent_run_id VARCHAR,
+        metrics_json VARCHAR, error VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS stages(
+        run_id VARCHAR, label VARCHAR, stage VARCHAR, key VARCHAR, status VARCHAR,
+        cached BOOLEAN, started_at TIMESTAMP, finished_at TIMESTAMP, seconds DOUBLE,
+        mlflow_run_id VARCHAR, error VARCHAR, PRIMARY KEY(run_id, label))""",
+    """CREATE TABLE IF NOT EXISTS artifacts(
+        key VARCHAR PRIMARY KEY, stage VARCHAR, kind VARCHAR, path VARCHAR, rows BIGINT,
+        bytes BIGINT, hash VARCHAR, status VARCHAR, created_at TIMESTAMP,
+        producer_run_id VARCHAR, manifest_json VARCHAR)""",
+]
+
+# name → (stage folder, file glob inside an artifact, extra SELECT)
+PARQUET_VIEWS = {
+    "rollouts": ("rollout", "part-*.parquet"),
+    "teacher_targets": ("teacher", "part-*.parquet"),
+    "eval_samples": ("evaluate", "part-*.parquet"),
+    "train_metrics": ("train", "metrics.parquet"),
+}
+
+TEACHER_TOKENS_VIEW = """
+CREATE OR REPLACE VIEW teacher_tokens AS
+SELECT t.artifact_key AS teacher_key, r.artifact_key AS rollout_key, t.sample_id, t.row_id,
+       r.task,
+       unnest(range(t.n_tokens)) AS pos,
+       unnest(r.response_ids) AS token_id,
+       unnest(t.sampled_logprobs) AS teacher_logprob,
+       unnest(r.behaviour_logprobs) AS student_logprob,
+       unnest(t.tail_mass) AS tail_mass
+FROM teacher_targets t JOIN rollouts r
+  ON r.artifact_key = t.rollout_key AND r.sample_id = t.sample_id
+"""
+
+
+class CatalogBusy(RuntimeError):
+    pass
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Catalog:
+    def __init__(self, path: Path, artifacts_root: Path, lock_timeout: float = 600.0):
+        self.path = Path(path)
+        self.artifacts_root = Path(artifacts_root)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.lock_timeout = lock_timeout
+        with self._write() as con:
+            for stmt in SCHEMA:
+                con.execute(stmt)
+
+    # ------------------------------------------------------------------ locking
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a+") as fh:
+            deadline = time.monotonic() + self.lock_timeout
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise CatalogBusy(
+                            f"catalog {self.path} stayed locked for {self.lock_timeout:.0f}s"
+                        ) from None
+                    time.sleep(0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @contextmanager
+    def _write(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self._locked():
+            con = self._connect(self.path)
+            try:
+                con.execute("BEGIN TRANSACTION")
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            finally:
+                con.close()
+
+    def _connect(self, path: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+        # A process outside opsd (a DuckDB shell, a notebook) may hold the file: retry.
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                return duckdb.connect(str(path), read_only=read_only)
+            except duckdb.IOException as err:
+                if "lock" not in str(err).lower() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A private, consistent copy of the catalog for reading (never blocks writers)."""
+        tmpdir = Path(tempfile.mkdtemp(prefix="opsd-catalog-"))
+        try:
+            copy = tmpdir / "catalog.duckdb"
+            with self._locked():
+                shutil.copy2(self.path, copy)
+                wal = self.path.with_name(self.path.name + ".wal")
+                if wal.exists():
+                    shutil.copy2(wal, copy.with_name(copy.name + ".wal"))
+            con = duckdb.connect(str(copy))
+            try:
+                yield con
+            finally:
+                con.close()
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ runs
+
+    def start_run(self, run_id: str, name: str, mode: str, config: dict, config_hash: str,
+                  parent_run_id: str | None = None, prefect_flow_run_id: str | None = None) -> None:
+        with self._write() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [run_id, name, mode, "running", json.dumps(config, sort_keys=True), config_hash,
+                 _now(), None, None, prefect_flow_run_id, parent_run_id, "{}", None],
+            )
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        allowed = {"status", "mlflow_run_id", "prefect_flow_run_id", "metrics_json", "error",
+                   "finished_at"}
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"cannot update run fields {sorted(bad)}")
+        if "metrics_json" in fields and not isinstance(fields["metrics_json"], str):
+            fields["metrics_json"] = json.dumps(fields["metrics_json"], sort_keys=True)
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._write() as con:
+            con.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", [*fields.values(), run_id])
+
+    def finish_run(self, run_id: str, status: str, metrics: dict | None = None,
+                   error: str | None = None) -> None:
+        fields: dict[str, Any] = {"status": status, "finished_at": _now(), "error": error}
+        if metrics is not None:
+            fields["metrics_json"] = metrics
+        self.update_run(run_id, **fields)
+
+    # ------------------------------------------------------------------ stages
+
+    def start_stage(self, run_id: str, label: str, stage: str, key: str) -> None:
+        with self._write() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO stages VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [run_id, label, stage, key, "running", False, _now(), None, None, None, None],
+            )
+
+    def finish_stage(self, run_id: str, label: str, status: str, *, cached: bool = False,
+                     seconds: float | None = None, mlflow_run_id: str | None = None,
+                     error: str | None = None) -> None:
+        with self._write() as con:
+            con.execute(
+                "UPDATE stages SET status=?, cached=?, finished_at=?, seconds=?, mlflow_run_id=?, "
+                "error=? WHERE run_id=? AND label=?",
+                [status, cached, _now(), seconds, mlflow_run_id, error, run_id, label],
+            )
+
+    # ------------------------------------------------------------------ artifacts
+
+    def record_artifact(self, key: str, stage: str, kind: str, path: Path, rows: int, nbytes: int,
+                        content_hash: str, producer_run_id: str, manifest: dict) -> None:
+        with self._write() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO artifacts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [key, stage, kind, str(path), rows, nbytes, content_hash, "complete", _now(),
+                 producer_run_id, json.dumps(manifest, sort_keys=True, default=str)],
+            )
+            self._refresh_views(con)
+
+    def invalidate_artifact(self, key: str) -> None:
+        with self._write() as con:
+            con.execute("UPDATE artifacts SET status='invalid' WHERE key=?", [key])
+
+    def artifact(self, key: str) -> dict | None:
+        """The complete artifact with this key, if its files still exist."""
+        with self._write() as con:  # tiny read; the lock keeps it consistent with writers
+            row = con.execute(
+                "SELECT key, stage, kind, path, rows, bytes, hash, manifest_json FROM artifacts "
+                "WHERE key=? AND status='complete'", [key]
+            ).fetchone()
+        if row is None or not Path(row[3]).exists():
+            return None
+        return {
+            "key": row[0], "stage": row[1], "kind": row[2], "path": row[3], "rows": row[4],
+            "bytes": row[5], "hash": row[6], "manifest": json.loads(row[7]),
+        }
+
+    # ------------------------------------------------------------------ views
+
+    def _refresh_views(self, con: duckdb.DuckDBPyConnection) -> None:
+        made = set()
+        for view, (stage, pattern) in PARQUET_VIEWS.items():
+            folder = self.artifacts_root / stage
+            if not any(folder.glob(f"*/{pattern}")):
+                continue
+            glob = str(folder / "*" / pattern).replace("'", "''")
+            con.execute(
+                f"CREATE OR REPLACE VIEW {view} AS SELECT * EXCLUDE (filename), "
+                f"regexp_extract(filename, '/{stage}/([^/]+)/[^/]+$', 1) AS artifact_key "
+                f"FROM read_parquet('{glob}', union_by_name=true, filename=true)"
+            )
+            made.add(view)
+        if {"rollouts", "teacher_targets"} <= made:
+            con.execute(TEACHER_TOKENS_VIEW)
+
+    def refresh_views(self) -> None:
+        with self._write() as con:
+            self._refresh_views(con)
+
+    # ------------------------------------------------------------------ reading
+
+    def query(self, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
+        with self.snapshot() as con:
+            cur = con.execute(sql, params or [])
+            cols = [d[0] for d in cur.description] if cur.description else []
+            return cols, cur.fetchall()
+
+    def runs(self) -> list[dict]:
+        cols, rows = self.query("SELECT * FROM runs ORDER BY created_at")
+        out = []
+        for r in rows:
+            d = dict(zip(cols, r))
+            d["metrics"] = json.loads(d.pop("metrics_json") or "{}")
+            d["config"] = json.loads(d.pop("config_json") or "{}")
+            out.append(d)
+        return out
+
+    def run(self, run_id: str) -> dict | None:
+        matches = [r for r in self.runs() if r["run_id"] == run_id or r["run_id"].startswith(run_id)]
+        if len(matches) > 1:
+            raise ValueError(f"run id prefix {run_id!r} is ambiguous: {[m['run_id'] for m in matches]}")
+        return matches[0] if matches else None
+
+    def stages(self, run_id: str) -> list[dict]:
+        cols, rows = self.query(
+            "SELECT * FROM stages WHERE run_id=? ORDER BY started_at", [run_id]
+        )
+        return [dict(zip(cols, r)) for r in rows]
+
+    def views(self) -> list[str]:
+        _, rows = self.query("SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY 1")
+        return [r[0] for r in rows]
+
+
+def env_catalog_timeout() -> float:
+    return float(os.environ.get("OPSD_CATALOG_TIMEOUT", "600"))

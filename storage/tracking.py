@@ -1,0 +1,160 @@
+"""MLflow tracking: one parent run per pipeline run, one nested run per stage.
+
+Uses ``MlflowClient`` with explicit run ids rather than the fluent API: the
+fluent active-run stack is per thread, and Prefect runs tasks in worker threads.
+The default store is SQLite inside the artifact root (MLflow 3 refuses the old
+file store); set ``MLFLOW_TRACKING_URI`` to use a server instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+EXPERIMENT = "opsd"
+
+# MLflow validates params: 500 chars per value (6000 on recent servers), 250 chars per key.
+_MAX_PARAM = 500
+_SECRET_HINTS = ("token", "secret", "password", "api_key", "apikey", "credential")
+
+
+def _quiet_mlflow() -> None:
+    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def metric_name(name: str) -> str:
+    """MLflow allows alphanumerics and ``_ - . : / space``: ``pass@4`` → ``pass_at_4``."""
+    return re.sub(r"[^\w\-. :/]", "_", name.replace("@", "_at_"))
+
+
+def tracking_uri(mlflow_db: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(mlflow_db).resolve()}"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def safe_params(params: dict) -> dict[str, str]:
+    """Flattened params with anything that looks like a secret redacted."""
+    out = {}
+    for k, v in flatten(params).items():
+        if any(h in k.lower() for h in _SECRET_HINTS):
+            v = "<redacted>"
+        text = v if isinstance(v, str) else json.dumps(v, default=str)
+        out[k[:250]] = text[:_MAX_PARAM]
+    return out
+
+
+class Tracker:
+    """Thin wrapper over ``MlflowClient`` bound to one pipeline (parent) run."""
+
+    def __init__(self, mlflow_db: Path, artifact_root: Path, experiment: str = EXPERIMENT):
+        _quiet_mlflow()
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri(mlflow_db)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            try:
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=Path(artifact_root).resolve().as_uri()
+                )
+            except Exception:  # created concurrently by another run
+                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+        self.parent_id: str | None = None
+
+    def start_pipeline(self, run_name: str, params: dict, tags: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        self.parent_id = run.info.run_id
+        self.log_params(self.parent_id, params)
+        return self.parent_id
+
+    def start_stage(self, label: str, params: dict, tags: dict[str, str]) -> str:
+        all_tags = {"mlflow.parentRunId": self.parent_id or "", "opsd.stage": label, **tags}
+        run = self.client.create_run(self.experiment_id, run_name=label, tags=all_tags)
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in safe_params(params).items()]
+        for i in range(0, len(items), 100):  # the store caps params per batch
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [
+            Metric(metric_name(k), float(v), ts, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and v == v  # drop NaN
+        ]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i : i + 500])
+
+    def log_metric_series(self, run_id: str, rows: Iterable[dict], step_key: str = "step") -> None:
+        """Per-step metrics (one dict per step) in batches: fast for thousands of steps."""
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch: list = []
+        for row in rows:
+            step = int(row[step_key])
+            for k, v in row.items():
+                if k != step_key and isinstance(v, (int, float)) and v == v:
+                    batch.append(Metric(metric_name(k), float(v), ts, step))
+            if len(batch) >= 900:
+                self.client.log_batch(run_id, metrics=batch)
+                batch = []
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(run_id, obj, artifact_file)
+
+    def log_table(self, run_id: str, columns: dict[str, list], artifact_file: str) -> None:
+        """An MLflow table (shown in the UI's artifact view and Evaluation tab)."""
+        self.client.log_table(run_id, data=columns, artifact_file=artifact_file)
+
+    def log_figure(self, run_id: str, fig, artifact_file: str) -> None:
+        self.client.log_figure(run_id, fig, artifact_file)
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_dir(self, run_id: str, folder: Path, artifact_path: str) -> None:
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
+
+
+def scratch_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="opsd-mlflow-"))
