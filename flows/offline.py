@@ -22,6 +22,7 @@ from opsd.config import config_from_dict
 from opsd.pipeline import Pipeline
 from opsd import steps
 from opsd.reporting import finish_report
+from stages import dataset as dataset_stage
 
 # Caching is opsd's (content keys in the DuckDB catalog), not Prefect's: Prefect
 # would otherwise pickle task results to disk, and artifacts here are Parquet,
@@ -42,8 +43,8 @@ def evaluate_task(p: Pipeline, rows, data, policy, label, with_context, force):
 
 
 @task(name="rollout", **TASK_OPTS)
-def rollout_task(p: Pipeline, rows, data, policy, start_at, force):
-    return steps.rollout_step(p, rows, data, policy, force="rollout" in force,
+def rollout_task(p: Pipeline, rows, data, policy, teacher, start_at, force):
+    return steps.rollout_step(p, rows, data, policy, teacher=teacher, force="rollout" in force,
                               require_cached=steps.upstream_of("rollout", start_at))
 
 
@@ -77,20 +78,18 @@ def offline_flow(
     logger = get_run_logger()
     cfg = config_from_dict(config, "flow parameters")
     force = list(force or [])
-    p = Pipeline(cfg, root, run_id, parent_run_id=parent_run_id, show_progress=show_progress,
-                 logger=logger.info)
-    # Validate data and models before starting anything expensive.
-    from stages import dataset as dataset_stage
-
+    # Validate data and models before anything is written or computed.
     rows = dataset_stage.load(cfg.data)
     student, teacher = steps.resolve_policies(cfg)
+    p = Pipeline(cfg, root, run_id, parent_run_id=parent_run_id, show_progress=show_progress,
+                 logger=logger.info)
     p.start(prefect_flow_run_id=str(flow_run.get_id() or ""))
     try:
         data = dataset_task(p, rows, start_at, force)
         evals = {"before": evaluate_task(p, rows, data, student, "evaluate/before", False, force)}
         if cfg.eval.teacher_ceiling:
             evals["teacher"] = evaluate_task(p, rows, data, teacher, "evaluate/teacher", True, force)
-        rollouts = rollout_task(p, rows, data, student, start_at, force)
+        rollouts = rollout_task(p, rows, data, student, teacher, start_at, force)
         targets = teacher_task(p, rows, data, rollouts, teacher, start_at, force)
         _, trained = train_task(p, rollouts, targets, student, start_at, force)
         evals["after"] = evaluate_task(p, rows, data, trained, "evaluate/after", False, force)

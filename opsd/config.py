@@ -66,6 +66,23 @@ class ContextConfig(_Strict):
     )
 
 
+class GuidanceConfig(_Strict):
+    """Teacher-guided rollouts (see opsd.backends.hf.Guidance)."""
+
+    enabled: bool = Field(
+        False,
+        description="Run the teacher in lockstep while sampling and let it replace tokens it "
+        "strongly rejects (fixes offline mode's exposure problem for multi-token phrases).",
+    )
+    threshold: float = Field(
+        3.0, gt=0.0, description="Intervene when log pT(y) - log pS(y) < -threshold (nats)."
+    )
+    min_teacher_prob: float = Field(
+        0.5, ge=0.0, le=1.0, description="...and the teacher's top token has at least this mass."
+    )
+    max_per_sample: int = Field(4, ge=1, description="At most this many teacher tokens per reply.")
+
+
 class RolloutConfig(_Strict):
     backend: Literal["hf", "vllm"] = Field("hf", description="Generation engine.")
     n: int = Field(2, ge=1, le=256, description="Samples per prompt (group size).")
@@ -82,6 +99,7 @@ class RolloutConfig(_Strict):
     dtype: Literal["float32", "bfloat16"] = Field(
         "bfloat16", description="Compute dtype for generation (weights copied once)."
     )
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
 
 
 class TeacherConfig(_Strict):
@@ -189,6 +207,8 @@ class PipelineConfig(_Strict):
                 "train.batch_size must be a multiple of train.micro_batch_size "
                 f"(got {self.train.batch_size} and {self.train.micro_batch_size})"
             )
+        if self.rollout.guidance.enabled and self.rollout.backend != "hf":
+            raise ValueError("rollout.guidance needs rollout.backend=hf (lockstep decoding)")
         if self.teacher.kind == "external" and self.teacher.model is None:
             raise ValueError("teacher.kind=external needs teacher.model.name")
         return self

@@ -79,17 +79,28 @@ def dataset_step(p: Pipeline, rows: list[Row], *, force=False, require_cached=Fa
 
 def rollout_step(p: Pipeline, rows: list[Row], data: Artifact, policy: Policy, *, label="rollout",
                  iteration: int = 0, subset: list[str] | None = None, force=False,
-                 require_cached=False, engine=None) -> Artifact:
+                 require_cached=False, engine=None, teacher: Policy | None = None) -> Artifact:
     train_rows = [r for r in rows if r.split == "train"]
     if subset is not None:
         wanted = set(subset)
         train_rows = [r for r in train_rows if r.id in wanted]
     cfg = config_for_key(p.cfg.rollout)
     cfg.update({"iteration": iteration, "subset": sorted(subset) if subset is not None else None})
+    inputs = {"dataset": data.key, "policy": policy.key}
+    guided = p.cfg.rollout.guidance.enabled
+    if guided:
+        if teacher is None:
+            raise ValueError("rollout.guidance.enabled needs the teacher policy")
+        inputs["teacher"] = teacher.key
+        cfg["context"] = config_for_key(p.cfg.teacher.context)
+    else:
+        cfg.pop("guidance", None)  # irrelevant when off: keeps keys stable
     return p.stage(
-        label, "rollout", cfg, {"dataset": data.key, "policy": policy.key},
+        label, "rollout", cfg, inputs,
         lambda ctx: rollout_stage.run(p.cfg.rollout, train_rows, policy, ctx,
-                                      iteration=iteration, engine=engine),
+                                      iteration=iteration, engine=engine,
+                                      teacher=teacher if guided else None,
+                                      context=p.cfg.teacher.context if guided else None),
         force=force, require_cached=require_cached,
     )
 

@@ -14,9 +14,9 @@ import time
 import pyarrow as pa
 
 from opsd.backends import make_generator
-from opsd.backends.hf import SamplingParams
-from opsd.config import RolloutConfig
-from opsd.context.render import student_ids
+from opsd.backends.hf import Guidance, SamplingParams
+from opsd.config import ContextConfig, RolloutConfig
+from opsd.context.render import build_context, student_ids, student_turn_ids, teacher_ids
 from opsd.data import verify
 from opsd.data.rows import Row
 from opsd.pool import Policy
@@ -52,6 +52,7 @@ def sample_rows(
         cols["n_tokens"].append(len(g.response_ids))
         cols["policy"].append(policy_key)
         cols["iteration"].append(iteration)
+        cols["guided_positions"].append(g.guided)
     return pa.Table.from_pydict(cols, schema=ROLLOUTS)
 
 
@@ -63,10 +64,21 @@ def run(
     *,
     iteration: int = 0,
     engine=None,
+    teacher: Policy | None = None,
+    context: ContextConfig | None = None,
 ) -> dict:
-    """Sample ``cfg.n`` replies for every row in ``rows`` (already the train selection)."""
+    """Sample ``cfg.n`` replies for every row in ``rows`` (already the train selection).
+
+    With ``cfg.guidance.enabled`` the ``teacher`` (reading its privileged
+    ``context``) decodes in lockstep and may replace strongly rejected tokens.
+    """
     tokenizer = ctx.pool.tokenizer(policy)
     engine = engine or make_generator(cfg, ctx.pool, policy)
+    guide_model = None
+    if cfg.guidance.enabled:
+        if teacher is None or context is None:
+            raise ValueError("guided rollouts need the teacher policy and its context config")
+        guide_model = ctx.pool.inference(teacher, cfg.dtype)
     done = completed_shards(ctx.out_dir)
     n_shards = (len(rows) + cfg.shard_size - 1) // cfg.shard_size
     t0 = time.perf_counter()
@@ -82,7 +94,15 @@ def run(
             n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
             max_new_tokens=cfg.max_new_tokens, seed=shard_seed(cfg.seed, shard, f"it{iteration}"),
         )
-        gens = engine.generate(prompts, params, progress=bar.update)
+        guidance = None
+        if guide_model is not None:
+            g = cfg.guidance
+            contexts = [
+                teacher_ids(tokenizer, r, build_context(r, context), student_turn_ids(tokenizer, r))
+                for r in chunk
+            ]
+            guidance = Guidance(guide_model, contexts, g.threshold, g.min_teacher_prob, g.max_per_sample)
+        gens = engine.generate(prompts, params, progress=bar.update, guidance=guidance)
         table = sample_rows(chunk, prompts, gens, tokenizer, policy.key, iteration)
         write_table_atomic(table, ctx.out_dir / shard_name(shard))
         tokens += sum(len(g.response_ids) for g in gens)
@@ -95,7 +115,7 @@ def run(
 def summarize(ctx: StageContext, seconds: float, tokens: int, generated: int) -> dict:
     from storage.parquet import read_table
 
-    t = read_table(ctx.out_dir, columns=["n_tokens", "passed", "finish_reason"]).to_pydict()
+    t = read_table(ctx.out_dir, columns=["n_tokens", "passed", "finish_reason", "guided_positions"]).to_pydict()
     passed = [p for p in t["passed"] if p is not None]
     n = len(t["n_tokens"])
     return {
@@ -104,6 +124,8 @@ def summarize(ctx: StageContext, seconds: float, tokens: int, generated: int) ->
         "mean_response_tokens": sum(t["n_tokens"]) / max(1, n),
         "truncated_fraction": sum(f == "length" for f in t["finish_reason"]) / max(1, n),
         "pass_rate": sum(passed) / len(passed) if passed else None,
+        "guided_fraction": sum(bool(g) for g in t["guided_positions"]) / max(1, n),
+        "guided_tokens": sum(len(g) for g in t["guided_positions"]),
         "seconds_this_attempt": seconds,
         "tokens_per_s_this_attempt": tokens / seconds if seconds > 0 and generated else None,
     }

@@ -34,6 +34,7 @@ ROLLOUTS = pa.schema(
         ("n_tokens", I32),
         ("policy", pa.string()),
         ("iteration", I32),
+        ("guided_positions", pa.list_(I32)),
     ],
     metadata={"opsd.kind": "rollouts"},
 )

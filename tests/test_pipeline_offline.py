@@ -1,0 +1,168 @@
+"""A real Prefect flow run of the offline pipeline on a tiny model, checked through the
+real DuckDB catalog, the real MLflow SQLite store and the Parquet artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from opsd.cli import app
+from storage.catalog import Catalog
+from storage.layout import Layout
+
+DEMOS = [{"prompt": "Capital of Fiji?", "completion": "Sure thing! Suva."}] * 3
+LABELS = ["dataset", "evaluate/before", "evaluate/teacher", "rollout", "teacher", "train",
+          "evaluate/after"]
+
+
+def write_dataset(path: Path, n_train=6, n_eval=4) -> Path:
+    with path.open("w") as f:
+        for i in range(n_train + n_eval):
+            f.write(json.dumps({
+                "id": f"q{i}", "prompt": f"Question number {i}?",
+                "privileged_context": {"demonstrations": DEMOS},
+                "verifier": {"type": "regex", "pattern": r"^\s*Sure", "description": "start with 'Sure'"},
+                "split": "train" if i < n_train else "eval", "task": "sure" if i % 2 else "other",
+            }) + "\n")
+    return path
+
+
+def tiny_config(model_dir: Path, data: Path) -> dict:
+    return {
+        "name": "tiny",
+        "model": {"name": str(model_dir)},
+        "data": {"source": str(data)},
+        "rollout": {"n": 2, "max_new_tokens": 6, "batch_size": 8, "shard_size": 4,
+                    "guidance": {"enabled": True, "threshold": 0.01, "min_teacher_prob": 0.0}},
+        "teacher": {"topk": 4, "shard_size": 5},
+        "train": {"epochs": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-3},
+        "eval": {"max_new_tokens": 6, "samples": 2},
+    }
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tiny_model_dir, tmp_path_factory):
+    from flows.offline import offline_flow
+
+    base = tmp_path_factory.mktemp("offline")
+    data = write_dataset(base / "data.jsonl")
+    cfg = tiny_config(tiny_model_dir, data)
+    root = base / "home"
+    metrics = offline_flow(config=cfg, root=str(root), show_progress=False)
+    return {"root": root, "cfg": cfg, "metrics": metrics, "base": base}
+
+
+def _catalog(root: Path) -> Catalog:
+    layout = Layout.at(root)
+    return Catalog(layout.catalog, layout.artifacts)
+
+
+def test_flow_records_every_stage_in_catalog(pipeline_run):
+    cat = _catalog(pipeline_run["root"])
+    (run,) = cat.runs()
+    assert run["status"] == "completed"
+    stages = cat.stages(run["run_id"])
+    assert [s["label"] for s in stages] == LABELS
+    assert all(s["status"] == "completed" and not s["cached"] for s in stages)
+    for key in ("eval.before.greedy", "eval.after.greedy", "eval.teacher.greedy", "eval.after.pass_at_2"):
+        assert key in run["metrics"]
+    cols, rows = cat.query("SELECT stage, path, bytes, hash FROM artifacts WHERE status='complete'")
+    assert len(rows) == 7
+    for stage, path, nbytes, digest in rows:
+        assert Path(path).is_dir() and nbytes > 0 and digest
+        assert (Path(path) / "manifest.json").exists()
+    # nothing half-written left behind
+    assert not [p for p in Layout.at(pipeline_run["root"]).tmp.iterdir() if p.name.startswith("rollout")]
+
+
+def test_parquet_contracts(pipeline_run):
+    cat = _catalog(pipeline_run["root"])
+    _, rows = cat.query("SELECT count(*), sum(len(response_ids)), "
+                        "bool_and(len(response_ids) = len(behaviour_logprobs)) FROM rollouts")
+    n, tokens, aligned = rows[0]
+    assert n == 6 * 2 and aligned and tokens > 0
+    _, rows = cat.query(
+        "SELECT bool_and(len(t.topk_ids) = r.n_tokens), bool_and(len(t.topk_ids[1]) = 4), "
+        "bool_and(len(t.tail_mass) = r.n_tokens) FROM teacher_targets t JOIN rollouts r USING (sample_id)")
+    assert rows[0] == (True, True, True)
+    # per-position teacher-student gap, as a user would ask it
+    cols, rows = cat.query("SELECT pos, avg(teacher_logprob - student_logprob) AS gap, count(*) "
+                           "FROM teacher_tokens GROUP BY pos ORDER BY pos")
+    assert [r[0] for r in rows] == list(range(len(rows))) and rows[0][2] == 12
+    # token ids are stored as sampled and the teacher scored exactly those ids
+    from stages.common import ids_hash
+
+    r = pq.read_table(next(Path(pipeline_run["root"], "artifacts", "rollout").glob("*/part-00000.parquet")))
+    t_dir = next(Path(pipeline_run["root"], "artifacts", "teacher").iterdir())
+    t = pq.read_table(t_dir / "part-00000.parquet").to_pydict()
+    hashes = dict(zip(t["sample_id"], t["response_hash"]))
+    for sid, ids in zip(r.column("sample_id").to_pylist(), r.column("response_ids").to_pylist()):
+        if sid in hashes:
+            assert hashes[sid] == ids_hash(ids)
+
+
+def test_mlflow_parent_and_nested_stage_runs(pipeline_run):
+    from mlflow.tracking import MlflowClient
+
+    from storage.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(Layout.at(pipeline_run["root"]).mlflow_db))
+    exp = client.get_experiment_by_name("opsd")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(c.info.run_name for c in children) == sorted(LABELS)
+    assert parent.data.params["train.objective"] == "forward_kl_topk"
+    assert "eval.after.greedy" in parent.data.metrics
+    train = next(c for c in children if c.info.run_name == "train")
+    history = client.get_metric_history(train.info.run_id, "loss")
+    assert len(history) == 6  # 2 epochs x ceil(6*2/4) steps, logged live per step
+    arts = {a.path for a in client.list_artifacts(train.info.run_id, "plots")}
+    assert "plots/training_curves.png" in arts
+    parent_arts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/compliance.png", "plots/position_gap.png"} <= parent_arts
+
+
+def test_rerun_reuses_every_stage(pipeline_run):
+    from flows.offline import offline_flow
+
+    offline_flow(config=pipeline_run["cfg"], root=str(pipeline_run["root"]), show_progress=False)
+    cat = _catalog(pipeline_run["root"])
+    second = cat.runs()[-1]
+    stages = cat.stages(second["run_id"])
+    assert [s["label"] for s in stages] == LABELS
+    assert all(s["cached"] and s["status"] == "cached" for s in stages)
+    assert second["metrics"]["stages_cached"] == 7
+
+
+def test_stage_rerun_with_new_objective_runs_only_train_and_after(pipeline_run):
+    root = pipeline_run["root"]
+    first = _catalog(root).runs()[0]["run_id"]
+    res = CliRunner().invoke(app, ["stage", "train", "--run", first, "--force", "--no-progress",
+                                   "--set", "train.objective=reverse_kl_sampled", "--root", str(root)])
+    assert res.exit_code == 0, res.output
+    cat = _catalog(root)
+    rerun = cat.runs()[-1]
+    assert rerun["parent_run_id"] == first and rerun["config"]["train"]["objective"] == "reverse_kl_sampled"
+    ran = {s["label"] for s in cat.stages(rerun["run_id"]) if not s["cached"]}
+    assert ran == {"train", "evaluate/after"}
+
+
+def test_cli_runs_json_and_query(pipeline_run):
+    root = str(pipeline_run["root"])
+    res = CliRunner().invoke(app, ["runs", "--json", "--root", root])
+    assert res.exit_code == 0
+    runs = json.loads(res.output)
+    assert {"run_id", "status", "metrics"} <= set(runs[0])
+    assert isinstance(runs[0]["metrics"]["eval.after.greedy"], float)
+    res = CliRunner().invoke(app, ["query", "SELECT count(*) AS n FROM eval_samples", "--root", root,
+                                   "-f", "json"])
+    assert res.exit_code == 0 and json.loads(res.output)[0]["n"] > 0
+    res = CliRunner().invoke(app, ["query", "SELECT * FROM no_such_view", "--root", root])
+    assert res.exit_code == 2 and "views:" in res.output
