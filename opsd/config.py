@@ -157,7 +157,8 @@ class TrainConfig(_Strict):
     )
     seed: int = Field(0, description="Data order and init seed.")
     save_every: int = Field(
-        0, ge=0, description="Also save a resumable checkpoint every N steps (0: only at the end)."
+        50, ge=0, description="Save a resume point (weights, optimizer, RNG) every N steps so a "
+        "killed train stage continues where it stopped (0: never)."
     )
 
 
@@ -176,6 +177,25 @@ class EvalConfig(_Strict):
     dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="Generation dtype.")
 
 
+class OnlineConfig(_Strict):
+    """Online mode: every iteration samples from the current student."""
+
+    iterations: int = Field(30, ge=1, le=100000, description="Rollout → teacher → train iterations.")
+    prompts_per_iteration: int = Field(
+        8, ge=1, description="Train prompts sampled per iteration (× rollout.n replies)."
+    )
+    steps_per_iteration: int = Field(
+        1, ge=1, description="Optimiser steps per iteration over that iteration's samples."
+    )
+    eval_every: int = Field(
+        0, ge=0, description="Evaluate the student every N iterations (0: only at the end)."
+    )
+    resume_every: int = Field(
+        1, ge=0, description="Save the rolling resume point every N iterations (0: never)."
+    )
+    seed: int = Field(0, description="Seed of the prompt order across iterations.")
+
+
 class PipelineConfig(_Strict):
     name: str = Field("opsd", description="Recipe name, shown in MLflow and the catalog.")
     mode: Literal["offline", "online"] = Field(
@@ -187,6 +207,7 @@ class PipelineConfig(_Strict):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    online: OnlineConfig = Field(default_factory=OnlineConfig)
 
     @field_validator("name")
     @classmethod

@@ -42,6 +42,7 @@ def run(
     label: str,
     with_context=None,
     backend: str = "hf",
+    engine=None,
 ) -> dict:
     """Evaluate ``policy`` on ``rows`` (the eval split). ``with_context``: a ContextConfig."""
     rows = [r for r in rows if r.verifier is not None]
@@ -55,7 +56,7 @@ def run(
         ]
     else:
         prompts = [student_ids(tokenizer, r) for r in rows]
-    engine = make_generator(_engine_cfg(cfg, backend), ctx.pool, policy)
+    engine = engine or make_generator(_engine_cfg(cfg, backend), ctx.pool, policy)
     t0 = time.perf_counter()
     total = len(rows) * (1 + cfg.samples)
     bar = ctx.progress(total, f"evaluate ({label})", "reply")

@@ -66,6 +66,7 @@ def run(
     engine=None,
     teacher: Policy | None = None,
     context: ContextConfig | None = None,
+    guide_model=None,
 ) -> dict:
     """Sample ``cfg.n`` replies for every row in ``rows`` (already the train selection).
 
@@ -74,11 +75,12 @@ def run(
     """
     tokenizer = ctx.pool.tokenizer(policy)
     engine = engine or make_generator(cfg, ctx.pool, policy)
-    guide_model = None
     if cfg.guidance.enabled:
         if teacher is None or context is None:
             raise ValueError("guided rollouts need the teacher policy and its context config")
-        guide_model = ctx.pool.inference(teacher, cfg.dtype)
+        guide_model = guide_model or ctx.pool.inference(teacher, cfg.dtype)
+    else:
+        guide_model = None
     done = completed_shards(ctx.out_dir)
     n_shards = (len(rows) + cfg.shard_size - 1) // cfg.shard_size
     t0 = time.perf_counter()

@@ -9,7 +9,9 @@ silently teach garbage.
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from opsd.config import TrainConfig
 from opsd.pool import Policy
 from opsd.training.batches import Example
 from opsd.training.loop import NumericalError, Trainer, plan_batches
+from opsd.training.state import has_resume_point, load_resume_point, save_resume_point
 from stages.common import Artifact, StageContext, ids_hash
 from storage.parquet import TRAIN_METRICS, read_table, write_table_atomic
 
@@ -96,23 +99,33 @@ def run(
     model = ctx.pool.master(init)
     # Train a private copy: the pool's master of the initial policy stays the frozen
     # base model for the teacher and the 'before' evaluation.
-    import copy
-
     model = copy.deepcopy(model)
     tokenizer = ctx.pool.tokenizer(init)
     plan = plan_batches(len(examples), cfg)
     trainer = Trainer(model, cfg, tokenizer.pad_token_id, total_steps=len(plan))
-    history = []
+    history: list[dict] = []
+    resume_dir = ctx.out_dir / "resume"
+    start = 0
+    if has_resume_point(resume_dir):
+        # A killed attempt left a complete resume point: continue exactly where it stopped.
+        counters = load_resume_point(resume_dir, model, trainer.opt, trainer.sched)
+        start, history = counters["step"], counters["history"]
+        trainer.state.step = start
     t0 = time.perf_counter()
     bar = ctx.progress(len(plan), "train", "step")
+    bar.update(start)
     try:
-        for epoch, idx in plan:
-            stats = trainer.step([examples[i] for i in idx], epoch)
+        for i in range(start, len(plan)):
+            epoch, idx = plan[i]
+            stats = trainer.step([examples[j] for j in idx], epoch)
             history.append(stats.as_dict())
             if ctx.on_metrics:
                 ctx.on_metrics({k: v for k, v in stats.as_dict().items() if k != "step"}, stats.step)
             bar.set_postfix(loss=f"{stats.loss:.4f}", kl=f"{stats.kl:.3f}", tok_s=f"{stats.tokens_per_s:.0f}")
             bar.update(1)
+            if cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < len(plan):
+                save_resume_point(resume_dir, model, trainer.opt, trainer.sched,
+                                  {"step": i + 1, "history": history})
     except NumericalError as err:
         (ctx.out_dir / "nonfinite_batch.json").write_text(
             json.dumps({"step": err.step, "sample_ids": err.sample_ids, "error": str(err)}, indent=2)
@@ -123,6 +136,7 @@ def run(
     seconds = time.perf_counter() - t0
     model.eval()
     save_checkpoint(model, tokenizer, ctx.out_dir / "model")
+    shutil.rmtree(resume_dir, ignore_errors=True)  # the artifact is the final model, not the resume point
     write_history(history, ctx.out_dir / "metrics.parquet")
     ctx.extras["trained_model"] = model
     tokens = sum(h["tokens"] for h in history)

@@ -74,3 +74,35 @@ def test_scorer_matches_forward_with_and_without_shared_prefix(tiny_model_dir):
         vals, ids = full.topk(5, -1)
         assert torch.equal(a.topk_ids_RK.long(), ids) and torch.equal(b.topk_ids_RK.long(), ids)
         torch.testing.assert_close(b.tail_mass_R, 1 - vals.exp().sum(-1), atol=1e-4, rtol=0)
+
+
+def test_guided_decoding_with_shared_prefix_matches_plain_prefill(tiny_model_dir):
+    """Teacher prompts sharing a long prefix decode identically with and without sharing,
+    and guidance replaces tokens only where the teacher strongly disagrees."""
+    import opsd.backends.hf as H
+
+    tok, model, prompts = _setup(tiny_model_dir)
+    demo = [{"role": "user", "content": "Capital of Fiji?"},
+            {"role": "assistant", "content": "Sure thing! Suva."}] * 6
+    contexts = []
+    for q in ["hi", "What is the capital of France?", "Name three colours please."]:
+        ids = tok.apply_chat_template(demo + [{"role": "user", "content": q}],
+                                      add_generation_prompt=True, tokenize=True)
+        contexts.append(ids["input_ids"] if hasattr(ids, "keys") else list(ids))
+    with torch.no_grad():
+        shared = H._Decoder(model, tok.pad_token_id)
+        plain = H._Decoder(model, tok.pad_token_id)
+        a = shared.prefill(contexts, 4, min_shared=8)
+        b = plain.prefill(contexts, 4, min_shared=10**9)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        nxt = torch.tensor([11, 12, 13])
+        torch.testing.assert_close(shared.advance(nxt), plain.advance(nxt), atol=1e-4, rtol=0)
+    gen = HFGenerator(model, tok, batch_size=3)
+    params = SamplingParams(n=1, temperature=1.0, max_new_tokens=8, seed=3)
+    free = gen.generate(prompts, params)
+    never = gen.generate(prompts, params, guidance=H.Guidance(model, contexts, threshold=1e9))
+    assert [o.response_ids for o in never] == [o.response_ids for o in free]
+    assert all(not o.guided for o in never)
+    always = gen.generate(prompts, params, guidance=H.Guidance(model, contexts, threshold=1e-9,
+                                                               min_teacher_prob=0.0, max_per_sample=2))
+    assert all(len(o.guided) <= 2 for o in always) and any(o.guided for o in always)

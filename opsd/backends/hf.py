@@ -109,6 +109,16 @@ class Guidance:
     max_per_sample: int = 4
 
 
+def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    first = seqs[0]
+    # Keep at least one token of every prompt outside the prefix: its logits are the output.
+    n = min(len(s) for s in seqs) - 1
+    k = 0
+    while k < n and all(s[k] == first[k] for s in seqs):
+        k += 1
+    return max(k, 0)
+
+
 class _Decoder:
     """KV-cached incremental decoding of a left-padded batch, with row compaction."""
 
@@ -118,15 +128,32 @@ class _Decoder:
         self.cache_kw = _cache_kwarg(model)
         self.cache = None
 
-    def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
-        B, L = len(prompts), max(len(p) for p in prompts)
-        self.cache = make_cache(L + max_new_tokens)
+    def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                min_shared: int = 32) -> torch.Tensor:
+        """Encode the prompts; a prefix common to all of them is encoded once.
+
+        Layout per row: ``[shared prefix][pads][rest of the prompt]`` — the
+        attention mask hides the pads and position ids skip them, so every row
+        sees exactly its own prompt.
+        """
+        B = len(prompts)
+        shared = _common_prefix_len(prompts)
+        shared = shared if shared >= min_shared and B > 1 else 0
+        rests = [p[shared:] for p in prompts]
+        L = max(len(r) for r in rests)
+        self.cache = make_cache(shared + L + max_new_tokens)
+        prefix_mask = torch.ones((B, shared), dtype=torch.long)
+        if shared:
+            self.mask_BL = prefix_mask[:1]
+            self._forward(torch.tensor([list(prompts[0][:shared])]), torch.arange(shared)[None])
+            self.cache.batch_repeat_interleave(B)
         ids_BL = torch.full((B, L), self.pad_id, dtype=torch.long)
-        self.mask_BL = torch.zeros((B, L), dtype=torch.long)
-        for b, p in enumerate(prompts):  # left padding: every row's next token is at column L
-            ids_BL[b, L - len(p) :] = torch.tensor(p, dtype=torch.long)
-            self.mask_BL[b, L - len(p) :] = 1
-        pos_BL = (self.mask_BL.cumsum(-1) - 1).clamp_min(0)
+        rest_mask_BL = torch.zeros((B, L), dtype=torch.long)
+        for b, r in enumerate(rests):  # left padding: every row's next token is at column L
+            ids_BL[b, L - len(r) :] = torch.tensor(r, dtype=torch.long)
+            rest_mask_BL[b, L - len(r) :] = 1
+        self.mask_BL = torch.cat([prefix_mask, rest_mask_BL], dim=1)
+        pos_BL = (self.mask_BL.cumsum(-1) - 1).clamp_min(0)[:, shared:]
         self.next_pos_B = pos_BL[:, -1] + 1
         return self._forward(ids_BL, pos_BL)
 

