@@ -1,6 +1,7 @@
 """Offline pipeline (Lightning-OPD style) as one Prefect flow.
 
-dataset → evaluate(before) → evaluate(teacher) → rollout → teacher → train → evaluate(after)
+dataset → evaluate(before) → evaluate(teacher) → rollout → [summarise] → teacher → train
+        → evaluate(after)
 
 Rollouts are sampled once from the initial student and teacher targets are
 precomputed once to Parquet; training then runs any number of epochs (and any
@@ -48,9 +49,15 @@ def rollout_task(p: Pipeline, rows, data, policy, teacher, start_at, force):
                               require_cached=steps.upstream_of("rollout", start_at))
 
 
+@task(name="summarise", **TASK_OPTS)
+def summarise_task(p: Pipeline, rollouts, policy):
+    return steps.summarise_step(p, rollouts, policy)
+
+
 @task(name="teacher", **TASK_OPTS)
-def teacher_task(p: Pipeline, rows, data, rollouts, teacher, start_at, force):
-    return steps.teacher_step(p, rows, data, rollouts, teacher, force="teacher" in force,
+def teacher_task(p: Pipeline, rows, data, rollouts, teacher, skills, start_at, force):
+    return steps.teacher_step(p, rows, data, rollouts, teacher, skills=skills,
+                              force="teacher" in force,
                               require_cached=steps.upstream_of("teacher", start_at))
 
 
@@ -90,7 +97,8 @@ def offline_flow(
         if cfg.eval.teacher_ceiling:
             evals["teacher"] = evaluate_task(p, rows, data, teacher, "evaluate/teacher", True, force)
         rollouts = rollout_task(p, rows, data, student, teacher, start_at, force)
-        targets = teacher_task(p, rows, data, rollouts, teacher, start_at, force)
+        skills = summarise_task(p, rollouts, student)
+        targets = teacher_task(p, rows, data, rollouts, teacher, skills, start_at, force)
         _, trained = train_task(p, rollouts, targets, student, start_at, force)
         evals["after"] = evaluate_task(p, rows, data, trained, "evaluate/after", False, force)
         metrics = finish_report(p, evals, rollouts=rollouts, targets=targets)

@@ -24,8 +24,6 @@ from opsd.reporting import finish_report
 from flows.offline import TASK_OPTS, dataset_task, evaluate_task
 from stages import dataset as dataset_stage
 from stages import evaluate as evaluate_stage
-from stages import rollout as rollout_stage
-from stages import teacher as teacher_stage
 
 
 @task(name="iteration", task_run_name="iteration-{iteration}", **TASK_OPTS)
@@ -33,42 +31,28 @@ def iteration_task(p: Pipeline, loop: OnlineLoop, iteration: int, policy: Policy
                    final: bool, t_start: float) -> tuple[str, Policy, dict | None]:
     cfg = p.cfg
     subset = iteration_prompts(loop.train_rows, cfg, iteration)
-    wanted = set(subset)
-    rows_it = [r for r in loop.train_rows if r.id in wanted]
     teacher = loop.teacher_policy(policy.key, iteration)
 
     def prepared():
-        res = loop._ensure_resident()
+        loop._ensure_resident()
         if chain:
             loop._bring_to(chain[-1][0], chain)
-        return res
 
-    def run_rollout(ctx):
-        res = prepared()
-        guided = cfg.rollout.guidance.enabled
-        return rollout_stage.run(cfg.rollout, rows_it, policy, ctx, iteration=iteration,
-                                 engine=res.generator, teacher=teacher if guided else None,
-                                 context=cfg.teacher.context if guided else None,
-                                 guide_model=res.teacher_model if guided else None)
-
-    rcfg = config_for_key(cfg.rollout)
-    rcfg.update({"iteration": iteration, "subset": sorted(subset)})
-    rin = {"dataset": loop.data.key, "policy": policy.key}
-    if cfg.rollout.guidance.enabled:
-        rin["teacher"] = teacher.key
-        rcfg["context"] = config_for_key(cfg.teacher.context)
-    else:
-        rcfg.pop("guidance", None)
-    rollouts = p.stage(f"rollout/{iteration:03d}", "rollout", rcfg, rin, run_rollout)
-
-    def run_teacher(ctx):
-        res = prepared()
-        return teacher_stage.run(cfg.teacher, loop.rows, rollouts, teacher, ctx, scorer=res.scorer)
-
-    tcfg = config_for_key(cfg.teacher, drop=("batch_size", "shard_size", "kind", "ema_rate"))
-    targets = p.stage(f"teacher/{iteration:03d}", "teacher", tcfg,
-                      {"dataset": loop.data.key, "rollouts": rollouts.key, "teacher": teacher.key},
-                      run_teacher)
+    guided = cfg.rollout.guidance.enabled
+    rollouts = steps.rollout_step(
+        p, loop.rows, loop.data, policy, label=f"rollout/{iteration:03d}", iteration=iteration,
+        subset=subset, teacher=teacher, before_run=prepared,
+        engine=lambda: loop.res.generator,
+        guide_model=(lambda: loop.res.teacher_model) if guided else None,
+    )
+    skills = steps.summarise_step(p, rollouts, policy, label=f"summarise/{iteration:03d}",
+                                  model=lambda: loop.res.infer, before_run=prepared)
+    exposure = loop.exposure(iteration)
+    targets = steps.teacher_step(
+        p, loop.rows, loop.data, rollouts, teacher, label=f"teacher/{iteration:03d}",
+        skills=skills, exposure=exposure, scorer=lambda: loop.res.scorer, before_run=prepared,
+    )
+    loop.observe(iteration, rollouts)
 
     trcfg = config_for_key(cfg.train)
     trcfg.update({"online": config_for_key(cfg.online, drop=("eval_every", "resume_every",

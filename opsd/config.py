@@ -47,12 +47,40 @@ class DataConfig(_Strict):
     seed: int = Field(0, description="Seed for built-in suites that generate rows.")
 
 
+KNOWN_VIEWS = ("system", "demonstrations", "sibling", "solution", "answer", "skills", "feedback",
+               "attempt")
+
+
+class ExposureConfig(_Strict):
+    """Partial exposure of the reference solution (ATESD-style)."""
+
+    mode: Literal["fixed", "linear", "adaptive"] = Field(
+        "fixed",
+        description="fixed: always `ratio`; linear: from `start` to `end` over online iterations; "
+        "adaptive: move the ratio each iteration toward the student's needs (more when its "
+        "pass rate is below `target_pass`, less when above).",
+    )
+    ratio: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of the solution revealed (fixed).")
+    start: float = Field(0.0, ge=0.0, le=1.0, description="Ratio at the first iteration (linear).")
+    end: float = Field(1.0, ge=0.0, le=1.0, description="Ratio at the last iteration (linear).")
+    target_pass: float = Field(0.5, ge=0.0, le=1.0, description="Adaptive: pass rate to hold.")
+    step: float = Field(0.1, gt=0.0, le=1.0, description="Adaptive: ratio change per iteration.")
+
+
 class ContextConfig(_Strict):
-    """How privileged information is shown to the teacher (see opsd.context)."""
+    """What privileged information (PI) the teacher sees, and how it is rendered.
+
+    Views, rendered in the listed order when a row (or the run) provides them:
+    ``system`` rule, ``demonstrations`` and ``sibling`` (as real chat turns),
+    ``solution`` (revealed by ``exposure``), ``answer``, ``skills`` (from the
+    summarise stage), ``feedback`` (verifier feedback on the student's own
+    attempt, SDPO/RLTF-SD), ``attempt`` (the student's reply and its reward,
+    SD-Zero reviser). Text views go into one system message via the templates.
+    """
 
     views: list[str] = Field(
-        default_factory=lambda: ["demonstrations", "system", "solution", "answer", "skills"],
-        description="Privileged views to render, in order, when present on a row.",
+        default_factory=lambda: ["system", "demonstrations", "solution", "answer", "skills"],
+        description="PI views to render, in order, when present (see the class docs).",
     )
     solution_template: str = Field(
         "Here is a reference solution:\n{solution}\n\nUse it to answer the next question.",
@@ -63,6 +91,62 @@ class ContextConfig(_Strict):
     )
     skills_template: str = Field(
         "Lessons learned from earlier attempts:\n{skills}", description="Template for 'skills'."
+    )
+    feedback_template: str = Field(
+        "An earlier reply to the next question was:\n{attempt}\n\nFeedback on it: {feedback}",
+        description="Template for 'feedback'; {attempt} and {feedback} are replaced.",
+    )
+    attempt_template: str = Field(
+        "An earlier reply to the next question was {verdict} (reward {reward}):\n{attempt}\n\n"
+        "Write a reply that is correct.",
+        description="Template for 'attempt' (reviser); {attempt}, {verdict}, {reward}.",
+    )
+    sibling_as: Literal["turn", "text"] = Field(
+        "turn", description="Render a successful sibling as an earlier exchange or as text."
+    )
+    sibling_template: str = Field(
+        "A correct reply to the next question:\n{sibling}", description="Template (sibling_as=text)."
+    )
+    exposure: ExposureConfig = Field(default_factory=ExposureConfig)
+    consensus: Literal["none", "mean_logprob", "mean_prob"] = Field(
+        "none",
+        description="Multi-view (AVSD-style): score the response under each view in "
+        "`consensus_views` separately and combine the teacher distributions: mean_logprob = "
+        "normalised geometric mean, mean_prob = mixture.",
+    )
+    consensus_views: list[list[str]] = Field(
+        default_factory=list, description="The view sets scored separately for consensus."
+    )
+
+    @field_validator("views")
+    @classmethod
+    def _known_views(cls, v: list[str]) -> list[str]:
+        bad = [x for x in v if x not in KNOWN_VIEWS]
+        if bad:
+            raise ValueError(f"unknown view(s) {bad}; known views: {', '.join(KNOWN_VIEWS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consensus_ok(self) -> "ContextConfig":
+        if self.consensus != "none" and len(self.consensus_views) < 2:
+            raise ValueError("consensus needs at least two view sets in consensus_views")
+        for vs in self.consensus_views:
+            self._known_views(vs)
+        return self
+
+
+class SummariseConfig(_Strict):
+    """Skill-SD: summarise rollouts into lessons the teacher sees as the 'skills' view."""
+
+    enabled: bool = Field(False, description="Run the summarise stage before each teacher pass.")
+    group_by: Literal["task", "prompt"] = Field("task", description="One summary per task or prompt.")
+    max_examples: int = Field(6, ge=1, le=64, description="Rollouts shown to the summariser per group.")
+    max_new_tokens: int = Field(96, ge=8, le=4096, description="Length cap of a summary.")
+    template: str = Field(
+        "Below are attempts at the same kind of request, each marked as passing or failing a "
+        "check.\n\n{examples}\n\nIn at most three short bullet points, state what the passing "
+        "replies do that the failing ones do not (what worked, mistakes to avoid, the workflow).",
+        description="Summarisation prompt; {examples} is replaced by the attempts.",
     )
 
 
@@ -208,6 +292,7 @@ class PipelineConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     online: OnlineConfig = Field(default_factory=OnlineConfig)
+    summarise: SummariseConfig = Field(default_factory=SummariseConfig)
 
     @field_validator("name")
     @classmethod

@@ -88,6 +88,7 @@ class OnlineLoop:
         self.base = student
         self.external_teacher = teacher if self.cfg.teacher.kind == "external" else None
         self.res: Resident | None = None
+        self.pass_rates: dict[int, float | None] = {}
         chain = {
             "online": config_for_key(self.cfg.online, drop=("eval_every", "resume_every", "iterations")),
             "rollout": config_for_key(self.cfg.rollout),
@@ -135,6 +136,35 @@ class OnlineLoop:
         if res.ema is not None:
             ema_update(res.ema, res.master, self.cfg.teacher.ema_rate)
             refresh_copy(res.teacher_model, res.ema)
+
+    # ------------------------------------------------------------------ exposure
+
+    def exposure(self, iteration: int) -> float | None:
+        """Solution reveal ratio for this iteration's teacher pass (None: the fixed config value)."""
+        ex = self.cfg.teacher.context.exposure
+        if ex.mode == "fixed":
+            return None
+        if ex.mode == "linear":
+            n = max(1, self.cfg.online.iterations - 1)
+            return ex.start + (ex.end - ex.start) * min(1.0, iteration / n)
+        return self._adaptive_ratio(iteration)
+
+    def _adaptive_ratio(self, iteration: int) -> float:
+        # Replayed from the cached rollouts' pass rates, so a resumed run computes the
+        # same ratios without extra state.
+        ex = self.cfg.teacher.context.exposure
+        ratio = ex.ratio
+        for i in range(iteration):
+            rate = self.pass_rates.get(i)
+            if rate is None:
+                continue
+            ratio += ex.step if rate < ex.target_pass else -ex.step
+            ratio = min(1.0, max(0.0, ratio))
+        return ratio
+
+    def observe(self, iteration: int, rollouts: Artifact) -> None:
+        """Record an iteration's student pass rate (drives adaptive exposure)."""
+        self.pass_rates[iteration] = rollouts.manifest.get("pass_rate")
 
     # ------------------------------------------------------------------ policies
 

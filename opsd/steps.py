@@ -79,7 +79,10 @@ def dataset_step(p: Pipeline, rows: list[Row], *, force=False, require_cached=Fa
 
 def rollout_step(p: Pipeline, rows: list[Row], data: Artifact, policy: Policy, *, label="rollout",
                  iteration: int = 0, subset: list[str] | None = None, force=False,
-                 require_cached=False, engine=None, teacher: Policy | None = None) -> Artifact:
+                 require_cached=False, engine=None, teacher: Policy | None = None,
+                 guide_model=None, before_run=None) -> Artifact:
+    """``before_run()`` is called only when the stage computes (online: bring the student's
+    resident state up to date); a cached rollout needs no model at all."""
     train_rows = [r for r in rows if r.split == "train"]
     if subset is not None:
         wanted = set(subset)
@@ -97,27 +100,71 @@ def rollout_step(p: Pipeline, rows: list[Row], data: Artifact, policy: Policy, *
         cfg.pop("guidance", None)  # irrelevant when off: keeps keys stable
     return p.stage(
         label, "rollout", cfg, inputs,
-        lambda ctx: rollout_stage.run(p.cfg.rollout, train_rows, policy, ctx,
-                                      iteration=iteration, engine=engine,
-                                      teacher=teacher if guided else None,
-                                      context=p.cfg.teacher.context if guided else None),
+        lambda ctx: (before_run and before_run()) or rollout_stage.run(
+            p.cfg.rollout, train_rows, policy, ctx, iteration=iteration,
+            engine=engine() if callable(engine) else engine,
+            teacher=teacher if guided else None,
+            context=p.cfg.teacher.context if guided else None,
+            guide_model=guide_model() if callable(guide_model) else guide_model),
         force=force, require_cached=require_cached,
     )
+
+
+def summarise_step(p: Pipeline, rollouts: Artifact, policy: Policy, *, label="summarise",
+                   model=None, before_run=None) -> dict[str, str] | None:
+    """Skill-SD lessons per task/prompt from ``rollouts`` (None when summarise is off)."""
+    from stages import summarise as summarise_stage
+
+    if not p.cfg.summarise.enabled:
+        return None
+    art = p.stage(
+        label, "summarise", config_for_key(p.cfg.summarise),
+        {"rollouts": rollouts.key, "policy": policy.key},
+        lambda ctx: (before_run and before_run()) or summarise_stage.run(
+            p.cfg.summarise, rollouts, policy, ctx, p.cfg.teacher.dtype,
+            model=model() if callable(model) else model),
+    )
+    return summarise_stage.read_skills(art)
 
 
 def teacher_step(p: Pipeline, rows: list[Row], data: Artifact, rollouts: Artifact, teacher: Policy,
-                 *, label="teacher", extra_views=None, extra_key: str | None = None, force=False,
-                 require_cached=False, scorer=None) -> Artifact:
+                 *, label="teacher", skills: dict[str, str] | None = None,
+                 exposure: float | None = None, force=False, require_cached=False,
+                 scorer=None, before_run=None) -> Artifact:
+    from opsd.context.builders import dynamic_views, needs_dynamic, usage, views_key
+    from storage.parquet import read_table
+
     cfg = config_for_key(p.cfg.teacher, drop=("batch_size", "shard_size", "kind", "ema_rate"))
-    if extra_key:
-        cfg["extra_views"] = extra_key
-    return p.stage(
+    extra = None
+    pi_usage: dict[str, float] = {}
+    if needs_dynamic(p.cfg.teacher.context):
+        r = read_table(rollouts.path, columns=["sample_id", "row_id", "task", "text", "passed",
+                                               "reward", "feedback"]).to_pydict()
+        extra = dynamic_views(r, p.cfg.teacher.context, skills, p.cfg.summarise.group_by)
+        cfg["extra_views"] = views_key(extra)
+        pi_usage = usage(extra, len(r["sample_id"]))
+        if skills is not None:
+            pi_usage["skills"] = float(sum(bool(v) for v in skills.values()))
+    if exposure is not None:
+        cfg["exposure_ratio"] = round(exposure, 6)
+
+    def run(ctx):
+        if before_run:
+            before_run()
+        out = teacher_stage.run(p.cfg.teacher, rows, rollouts, teacher, ctx, extra_views=extra,
+                                exposure=exposure, scorer=scorer() if callable(scorer) else scorer)
+        out["pi"] = pi_usage
+        return out
+
+    art = p.stage(
         label, "teacher", cfg,
-        {"dataset": data.key, "rollouts": rollouts.key, "teacher": teacher.key},
-        lambda ctx: teacher_stage.run(p.cfg.teacher, rows, rollouts, teacher, ctx,
-                                      extra_views=extra_views, scorer=scorer),
+        {"dataset": data.key, "rollouts": rollouts.key, "teacher": teacher.key}, run,
         force=force, require_cached=require_cached,
     )
+    if pi_usage:
+        p.say(f"stage {label}: privileged views used: "
+              + ", ".join(f"{k}={v:.2f}" for k, v in sorted(pi_usage.items())))
+    return art
 
 
 def train_step(p: Pipeline, rollouts: Artifact, targets: Artifact, init: Policy, *,

@@ -10,6 +10,7 @@ vocabulary distributions are never written.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pyarrow as pa
@@ -29,30 +30,34 @@ class RolloutMismatch(ValueError):
 
 def teacher_prompts(
     rows_by_id: dict[str, Row], rollouts: dict, cfg: TeacherConfig, tokenizer, max_len: int | None,
-    extra_views: dict[str, dict[str, str]] | None = None,
+    extra_views: dict[str, dict] | None = None, exposure: float | None = None,
+    views: list[str] | None = None,
 ) -> tuple[list[list[int]], list[str]]:
     """Teacher prompt ids and the views used, one per rollout (cached per row and views)."""
     cache: dict[tuple, tuple[list[int], str]] = {}
+    checked: set[str] = set()
     out_ids, out_views = [], []
     for i, (row_id, prompt_ids) in enumerate(zip(rollouts["row_id"], rollouts["prompt_ids"])):
         row = rows_by_id.get(row_id)
         if row is None:
             raise RolloutMismatch(f"rollout row {row_id!r} is not in the dataset artifact")
-        extra = (extra_views or {}).get(rollouts["sample_id"][i])
-        ck = (row_id, tuple(sorted(extra.items())) if extra else None)
-        if ck not in cache:
+        if row_id not in checked:
             if list(prompt_ids) != student_ids(tokenizer, row):
                 raise RolloutMismatch(
                     f"rollout {rollouts['sample_id'][i]}: its prompt ids differ from the row's "
                     "prompt rendered by this tokenizer (rollouts from another model or template)"
                 )
-            ctx = build_context(row, cfg.context, extra)
+            checked.add(row_id)
+        extra = (extra_views or {}).get(rollouts["sample_id"][i])
+        ck = (row_id, json.dumps(extra, sort_keys=True) if extra else None)
+        if ck not in cache:
+            ctx = build_context(row, cfg.context, extra, exposure=exposure, views=views)
             ids = teacher_ids(tokenizer, row, ctx, student_turn_ids(tokenizer, row))
             cache[ck] = (ids, ",".join(ctx.views))
-        ids, views = cache[ck]
+        ids, used = cache[ck]
         check_length(row_id, len(ids) + len(rollouts["response_ids"][i]), max_len, "teacher sequence")
         out_ids.append(ids)
-        out_views.append(views)
+        out_views.append(used)
     return out_ids, out_views
 
 
@@ -63,15 +68,24 @@ def run(
     teacher: Policy,
     ctx: StageContext,
     *,
-    extra_views: dict[str, dict[str, str]] | None = None,
+    extra_views: dict[str, dict] | None = None,
+    exposure: float | None = None,
     scorer=None,
 ) -> dict:
+    """Score every rollout; ``extra_views`` are run-time PI views per sample id
+    (opsd.context.builders), ``exposure`` the solution reveal ratio of this pass."""
     tokenizer = ctx.pool.tokenizer(teacher)
     table = read_table(rollouts.path, columns=["sample_id", "row_id", "prompt_ids", "response_ids"])
     data = table.to_pydict()
     rows_by_id = {r.id: r for r in rows}
     max_len = _max_len(ctx, teacher)
-    contexts, views = teacher_prompts(rows_by_id, data, cfg, tokenizer, max_len, extra_views)
+    consensus = cfg.context.consensus != "none"
+    view_sets = cfg.context.consensus_views if consensus else [None]
+    per_view = [teacher_prompts(rows_by_id, data, cfg, tokenizer, max_len, extra_views, exposure, vs)
+                for vs in view_sets]
+    contexts, views = per_view[0]
+    if consensus:
+        views = ["|".join(pv[1][i] for pv in per_view) for i in range(len(views))]
     scorer = scorer or make_scorer(cfg, ctx.pool, teacher)
     n = len(data["sample_id"])
     done = completed_shards(ctx.out_dir)
@@ -84,7 +98,12 @@ def run(
             bar.update(hi - lo)
             continue
         responses = data["response_ids"][lo:hi]
-        targets = scorer.score(contexts[lo:hi], responses, cfg.topk, progress=bar.update)
+        if consensus:
+            targets = scorer.score_views([pv[0][lo:hi] for pv in per_view], responses, cfg.topk,
+                                         cfg.context.consensus, progress=None)
+            bar.update(hi - lo)
+        else:
+            targets = scorer.score(contexts[lo:hi], responses, cfg.topk, progress=bar.update)
         cols: dict[str, list] = {name: [] for name in TEACHER.names}
         for j, t in enumerate(targets):
             i = lo + j
@@ -107,7 +126,7 @@ def run(
     seconds = time.perf_counter() - t0
     view_counts: dict[str, int] = {}
     for v in views:
-        for name in filter(None, v.split(",")):
+        for name in set(filter(None, v.replace("|", ",").split(","))):
             view_counts[name] = view_counts.get(name, 0) + 1
     stats = getattr(scorer, "stats", {})
     return {
@@ -117,6 +136,8 @@ def run(
         "seconds_this_attempt": seconds,
         "tokens_per_s_this_attempt": scored_tokens / seconds if seconds > 0 and scored_tokens else None,
         "views_used": {k: c / max(1, n) for k, c in view_counts.items()},
+        "exposure": exposure if exposure is not None else cfg.context.exposure.ratio,
+        "consensus": cfg.context.consensus,
         "scorer": {k: v for k, v in stats.items()},
     }
 

@@ -46,6 +46,7 @@ PARQUET_VIEWS = {
     "teacher_targets": ("teacher", "part-*.parquet"),
     "eval_samples": ("evaluate", "part-*.parquet"),
     "train_metrics": ("train", "metrics.parquet"),
+    "skills": ("summarise", "skills.parquet"),
 }
 
 TEACHER_TOKENS_VIEW = """

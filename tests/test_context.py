@@ -80,3 +80,87 @@ def test_views_filter_and_templates(tok):
     row = _row(privileged_context={"answer": "Lima", "solution": "Peru → Lima"})
     ctx = build_context(row, ContextConfig(views=["answer"], answer_template="ANSWER={answer}"))
     assert ctx.views == ["answer"] and ctx.system == ["ANSWER=Lima"]
+
+
+DYNAMIC_CASES = [
+    ("feedback", {"feedback": {"attempt": "Lima.", "feedback": "The reply should start with 'Sure thing!'."}}),
+    ("attempt", {"attempt": {"attempt": "Lima.", "verdict": "incorrect", "reward": "0"}}),
+    ("sibling", {"sibling": "Sure thing! The capital of Peru is Lima."}),
+    ("skills", {"skills": "- start replies with 'Sure thing!'"}),
+]
+
+
+@pytest.mark.parametrize("view, extra", DYNAMIC_CASES)
+@pytest.mark.parametrize("multi_turn", [False, True])
+def test_dynamic_views_keep_student_turns_identical(tok, view, extra, multi_turn):
+    prompt = ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+               {"role": "user", "content": "What is the capital of Peru?"}]
+              if multi_turn else "What is the capital of Peru?")
+    row = _row(prompt=prompt)
+    cfg = ContextConfig(views=[view])
+    ctx = build_context(row, cfg, extra)
+    assert ctx.views == [view]
+    t_ids, s_ids = teacher_ids(tok, row, ctx), student_ids(tok, row)
+    turn = student_turn_ids(tok, row)
+    response = [504, 3575, 314, 2]
+    assert (t_ids + response)[-len(turn) - 4:] == (s_ids + response)[-len(turn) - 4:]
+    shown = tok.decode(t_ids)
+    key = {"feedback": "start with", "attempt": "incorrect", "sibling": "Sure thing! The capital",
+           "skills": "start replies"}[view]
+    assert key in shown and key not in tok.decode(s_ids)
+    if view == "sibling":  # rendered as an earlier exchange, not text
+        assert [m["role"] for m in ctx.turns] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize("ratio, expect_words", [(0.0, 0), (0.5, 4), (1.0, 8)])
+def test_solution_exposure_ratio(tok, ratio, expect_words):
+    solution = "one two three four five six seven eight"
+    row = _row(privileged_context={"solution": solution})
+    ctx = build_context(row, ContextConfig(views=["solution"]), exposure=ratio)
+    turn = student_turn_ids(tok, row)
+    t_ids = teacher_ids(tok, row, ctx)
+    assert t_ids[-len(turn):] == turn
+    text = tok.decode(t_ids)
+    words = solution.split()
+    assert all(w in text for w in words[:expect_words])
+    assert all(w not in text for w in words[expect_words:])
+    assert (ctx.views == ["solution"]) == (expect_words > 0)
+
+
+def test_dynamic_views_from_rollouts_never_use_the_sample_itself():
+    from opsd.context.builders import dynamic_views, usage
+
+    rollouts = {
+        "sample_id": ["a#0", "a#1", "a#2", "b#0"], "row_id": ["a", "a", "a", "b"],
+        "task": ["t"] * 4, "text": ["good one", "bad", "good two", "bad b"],
+        "passed": [True, False, True, False], "reward": [1.0, 0.0, 1.0, 0.0],
+        "feedback": ["ok", "should start with X", "ok", "should start with X"],
+    }
+    cfg = ContextConfig(views=["sibling", "feedback", "attempt", "skills"])
+    views = dynamic_views(rollouts, cfg, skills={"t": "- do X"})
+    assert views["a#0"]["sibling"] == "good two"  # another passing sample, not itself
+    assert views["a#1"]["sibling"] == "good one"
+    assert views["a#2"]["sibling"] == "good one"
+    assert "sibling" not in views["b#0"]  # no passing sibling in its group
+    assert views["a#1"]["attempt"]["verdict"] == "incorrect"
+    assert views["b#0"]["skills"] == "- do X"
+    u = usage(views, 4)
+    assert u["with_sibling"] == 0.75 and u["with_feedback"] == 1.0
+
+
+def test_consensus_scoring_combines_views(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from opsd.backends.hf import HFScorer
+
+    tok_ = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    row = _row(privileged_context={"answer": "Lima", "system": "Be brief."})
+    ctxs = [teacher_ids(tok_, row, build_context(row, ContextConfig(views=[v]))) for v in ("answer", "system")]
+    resp = [[504, 3575, 2]]
+    sc = HFScorer(model, share_prefix=False)
+    a, b = sc.score([ctxs[0]], resp, 5)[0], sc.score([ctxs[1]], resp, 5)[0]
+    m = sc.score_views([[ctxs[0]], [ctxs[1]]], resp, 5, "mean_prob")[0]
+    mix = torch.logsumexp(torch.stack([a.sampled_logprob_R, b.sampled_logprob_R]), 0) - torch.log(torch.tensor(2.0))
+    torch.testing.assert_close(m.sampled_logprob_R, mix, atol=1e-4, rtol=0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -306,21 +307,46 @@ class HFScorer:
         topk: int,
         progress: ProgressFn | None = None,
     ) -> list[TokenTargets]:
-        """Targets for ``responses[i]`` following ``contexts[i]`` (order preserved).
+        """Targets for ``responses[i]`` following ``contexts[i]`` (order preserved)."""
+        hidden = self._hidden(contexts, responses, progress)
+        return [self._targets([h], torch.tensor(list(r), dtype=torch.long), topk, "none")
+                for h, r in zip(hidden, responses)]
+
+    @torch.inference_mode()
+    def score_views(
+        self,
+        contexts_by_view: Sequence[Sequence[Sequence[int]]],
+        responses: Sequence[Sequence[int]],
+        topk: int,
+        mode: str,
+        progress: ProgressFn | None = None,
+    ) -> list[TokenTargets]:
+        """Consensus targets: the response scored under several contexts, distributions combined.
+
+        ``mean_logprob``: normalised geometric mean (product of experts);
+        ``mean_prob``: the mixture of the views' distributions.
+        """
+        hidden = [self._hidden(ctxs, responses, progress) for ctxs in contexts_by_view]
+        return [self._targets([hv[i] for hv in hidden], torch.tensor(list(r), dtype=torch.long),
+                              topk, mode) for i, r in enumerate(responses)]
+
+    def _hidden(self, contexts, responses, progress) -> list[torch.Tensor]:
+        """Final hidden states at the positions that predict each response token.
 
         Requests are grouped by context and sorted by length so each batch shares
         as long a prefix and wastes as little padding as possible.
         """
-        order = sorted(range(len(contexts)), key=lambda i: (tuple(contexts[i][:64]), len(contexts[i]) + len(responses[i])))
-        results: list[TokenTargets | None] = [None] * len(contexts)
+        order = sorted(range(len(contexts)),
+                       key=lambda i: (tuple(contexts[i][:64]), len(contexts[i]) + len(responses[i])))
+        results: list[torch.Tensor | None] = [None] * len(contexts)
         prefix_cache: dict[tuple, object] = {}
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             seqs = [list(contexts[i]) + list(responses[i]) for i in batch]
             n_resp = [len(responses[i]) for i in batch]
             shared = self._shared_prefix_len([contexts[i] for i in batch]) if self.share_prefix else 0
-            for i, t in zip(batch, self._score_batch(seqs, n_resp, shared, topk, prefix_cache)):
-                results[i] = t
+            for i, h in zip(batch, self._hidden_batch(seqs, n_resp, shared, prefix_cache)):
+                results[i] = h
             if progress:
                 progress(len(batch))
         return results  # type: ignore[return-value]
@@ -345,13 +371,12 @@ class HFScorer:
             self.stats["tokens_computed"] += len(prefix)
         return cache_store[prefix]
 
-    def _score_batch(self, seqs, n_resp, shared, topk, cache_store) -> list[TokenTargets]:
+    def _hidden_batch(self, seqs, n_resp, shared, cache_store) -> list[torch.Tensor]:
         B = len(seqs)
         suffixes = [s[shared:] for s in seqs]
         L = max(len(s) for s in suffixes)
-        pad = 0
         # Right padding: pads follow every real token, so causal attention needs no mask.
-        ids_BL = torch.full((B, L), pad, dtype=torch.long)
+        ids_BL = torch.zeros((B, L), dtype=torch.long)
         for b, s in enumerate(suffixes):
             ids_BL[b, : len(s)] = torch.tensor(s, dtype=torch.long)
         kwargs = {}
@@ -368,17 +393,22 @@ class HFScorer:
         for b in range(B):
             r = n_resp[b]
             end = len(suffixes[b])  # position of the last real token + 1 (in suffix coords)
-            # logits at position t predict token t+1: response tokens are the last r tokens.
-            h_RH = hidden_BLH[b, end - r - 1 : end - 1]
-            y_R = torch.tensor(seqs[b][len(seqs[b]) - r :], dtype=torch.long)
-            out.append(self._targets(h_RH, y_R, topk))
+            # the output at position t predicts token t+1: response tokens are the last r tokens.
+            out.append(hidden_BLH[b, end - r - 1 : end - 1].clone())
         return out
 
-    def _targets(self, h_RH: torch.Tensor, y_R: torch.Tensor, topk: int) -> TokenTargets:
+    def _targets(self, hs: list[torch.Tensor], y_R: torch.Tensor, topk: int, mode: str) -> TokenTargets:
         parts = []
-        for s in range(0, h_RH.shape[0], self.logit_chunk):
-            logp_CV = self.lm_head(h_RH[s : s + self.logit_chunk]).float().log_softmax(-1)
-            sampled_C = logp_CV.gather(-1, y_R[s : s + self.logit_chunk, None]).squeeze(-1)
+        for s in range(0, y_R.shape[0], self.logit_chunk):
+            sl = slice(s, s + self.logit_chunk)
+            views_VCV = torch.stack([self.lm_head(h[sl]).float().log_softmax(-1) for h in hs])
+            if len(hs) == 1 or mode == "none":
+                logp_CV = views_VCV[0]
+            elif mode == "mean_logprob":
+                logp_CV = views_VCV.mean(0).log_softmax(-1)
+            else:  # mean_prob
+                logp_CV = torch.logsumexp(views_VCV, 0) - math.log(len(hs))
+            sampled_C = logp_CV.gather(-1, y_R[sl, None]).squeeze(-1)
             vals_CK, ids_CK = logp_CV.topk(topk, dim=-1)
             tail_C = (1.0 - vals_CK.exp().sum(-1)).clamp_min(0.0)
             parts.append((sampled_C, ids_CK.to(torch.int32), vals_CK, tail_C))

@@ -18,10 +18,11 @@ differs between student and teacher.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from opsd.config import ContextConfig
+from opsd.config import KNOWN_VIEWS, ContextConfig
 from opsd.data import Row
 
 
@@ -76,44 +77,72 @@ def student_turn_ids(tokenizer, row: Row) -> list[int]:
     return full[len(base) :]
 
 
-def build_context(row: Row, cfg: ContextConfig, extra: dict[str, str] | None = None) -> TeacherContext:
-    """The teacher context for ``row`` from its privileged views (plus ``extra`` text views).
+def reveal(text: str, ratio: float) -> str:
+    """The first ``ceil(ratio · words)`` words of ``text`` (partial solution exposure)."""
+    if ratio >= 1.0:
+        return text
+    words = text.split()
+    keep = math.ceil(ratio * len(words))
+    return " ".join(words[:keep]) + (" …" if 0 < keep < len(words) else "") if keep else ""
 
-    ``extra`` carries views computed during a run (verifier feedback, a sibling
-    rollout, summarised skills) and takes precedence over the row's own.
+
+def build_context(
+    row: Row, cfg: ContextConfig, extra: dict | None = None, exposure: float | None = None,
+    views: list[str] | None = None,
+) -> TeacherContext:
+    """The teacher context for ``row``.
+
+    ``extra`` carries views computed during a run, taking precedence over the
+    row's own: ``feedback`` = {attempt, feedback}, ``attempt`` = {attempt,
+    verdict, reward}, ``sibling`` = a successful sibling's reply text, ``skills``
+    = summarised lessons. ``exposure`` overrides ``cfg.exposure.ratio``;
+    ``views`` overrides ``cfg.views`` (multi-view consensus).
     """
-    views = row.views()
+    pv = row.views()
+    extra = extra or {}
+    ratio = cfg.exposure.ratio if exposure is None else exposure
     ctx = TeacherContext()
-    values: dict[str, object] = {
-        "system": views.system,
-        "solution": views.solution,
-        "answer": views.answer if views.answer is not None else None,
-        "skills": views.skills,
-        "demonstrations": views.demonstrations,
-    }
-    for k, v in (extra or {}).items():
-        values[k] = v
-    templates = {
-        "solution": cfg.solution_template,
-        "answer": cfg.answer_template,
-        "skills": cfg.skills_template,
-    }
-    for name in cfg.views:
-        value = values.get(name)
-        if value in (None, "", []):
+    for name in views if views is not None else cfg.views:
+        value = extra.get(name, getattr(pv, name, None) if name in PV_FIELDS else None)
+        if value in (None, "", [], {}):
             continue
         if name == "demonstrations":
-            for demo in value:  # type: ignore[union-attr]
+            for demo in value:
                 ctx.turns.append({"role": "user", "content": demo.prompt})
                 ctx.turns.append({"role": "assistant", "content": demo.completion})
+        elif name == "sibling":
+            if cfg.sibling_as == "turn":
+                ctx.turns.extend(_as_turns(row, value))
+            else:
+                ctx.system.append(cfg.sibling_template.format(sibling=value))
         elif name == "system":
             ctx.system.insert(0, str(value))
-        elif name in templates:
-            ctx.system.append(templates[name].format(**{name: value}))
+        elif name == "solution":
+            shown = reveal(str(value), ratio)
+            if not shown:
+                continue
+            ctx.system.append(cfg.solution_template.format(solution=shown))
+        elif name == "answer":
+            ctx.system.append(cfg.answer_template.format(answer=value))
+        elif name == "skills":
+            ctx.system.append(cfg.skills_template.format(skills=value))
+        elif name == "feedback":
+            ctx.system.append(cfg.feedback_template.format(**value))
+        elif name == "attempt":
+            ctx.system.append(cfg.attempt_template.format(**value))
         else:
-            ctx.system.append(str(value))
+            raise ContextError(f"unknown privileged view {name!r}; known: {', '.join(KNOWN_VIEWS)}")
         ctx.views.append(name)
     return ctx
+
+
+PV_FIELDS = ("demonstrations", "solution", "answer", "system", "skills")
+
+
+def _as_turns(row: Row, reply: str) -> list[dict]:
+    """A successful sibling as an earlier exchange: the same question, answered well."""
+    question = [m for m in row.prompt_messages() if m["role"] == "user"][-1]["content"]
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
 
 
 def teacher_ids(tokenizer, row: Row, ctx: TeacherContext, turn_ids: Sequence[int] | None = None) -> list[int]:
