@@ -85,7 +85,7 @@ def run(args) -> dict:
     master = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts, contexts = build_inputs(tok, max(args.batch_sizes))
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    rows, parity = [], {}
+    rows, parity, engine_start = [], {}, {}
 
     def record(dtype, task, engine, B, tokens, seconds, **extra):
         row = {"dtype": dtype, "task": task, "engine": engine, "batch": B, "tokens": tokens,
@@ -100,10 +100,14 @@ def run(args) -> dict:
         model = cast_for_inference(master, dtypes[dtype])
         cfg = SimpleNamespace(dtype=dtype, topk=args.topk)
         (gen, t_start) = _timed(lambda: VLLMGenerator.for_policy(cfg, Policy(f"bench-{dtype}", path, "bench")))
-        scorer = VLLMScorer(gen.engine)  # one engine per dtype; prompt log-probs ignore logprobs_mode
+        # The teacher gets its own engine, as in the pipeline (block size 32, prefix cache on).
+        scorer, t_start2 = _timed(lambda: VLLMScorer.for_policy(
+            SimpleNamespace(dtype=dtype, topk=args.topk, share_prefix=True), Policy(f"bench-{dtype}", path, "bench")))
+        t_start = max(t_start, t_start2)
         hf_gen = lambda B: HFGenerator(model, tok, batch_size=B)  # noqa: E731
         hf_sc = lambda B: HFScorer(model, batch_size=B)  # noqa: E731
         print(f"  vLLM engine start {t_start:.1f} s", flush=True)
+        engine_start[dtype] = round(t_start, 1)
 
         # Warm-up (first calls pay one-off kernel set-up in both engines).
         warm = SamplingParams(n=1, temperature=1.0, max_new_tokens=8, seed=0)
@@ -124,8 +128,11 @@ def run(args) -> dict:
             n_ctx = sum(map(len, contexts[:B]))
             ht, s = _timed(lambda: hf_sc(B).score(contexts[:B], resp, args.topk), R)
             record(dtype, "teacher", "hf", B, n_resp, s, ctx_tok=n_ctx)
+            st0 = dict(scorer.stats)
             vt, s = _timed(lambda: scorer.score(contexts[:B], resp, args.topk), R)
-            record(dtype, "teacher", "vllm", B, n_resp, s, ctx_tok=n_ctx)
+            record(dtype, "teacher", "vllm", B, n_resp, s, ctx_tok=n_ctx,
+                   cached_tok=scorer.stats["cached_tokens"] - st0["cached_tokens"],
+                   rescored=scorer.stats["rescored"] - st0["rescored"])
             if B == args.parity_batch:
                 t1v = torch.cat([t.topk_logprobs_RK[:, 0] for t in vt])
                 t1h = torch.cat([t.topk_logprobs_RK[:, 0] for t in ht])
@@ -163,6 +170,7 @@ def run(args) -> dict:
         "hf_torch_threads": torch.get_num_threads(),
         "results": rows,
         "parity": parity,
+        "vllm_engine_start_s": engine_start,
     }
 
 

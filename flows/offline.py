@@ -1,7 +1,7 @@
 """Offline pipeline (Lightning-OPD style) as one Prefect flow.
 
 dataset → evaluate(before) → evaluate(teacher) → rollout → [summarise] → teacher → train
-        → evaluate(after)
+        → evaluate(after) → [retention]
 
 Rollouts are sampled once from the initial student and teacher targets are
 precomputed once to Parquet; training then runs any number of epochs (and any
@@ -24,6 +24,7 @@ from opsd.pipeline import Pipeline
 from opsd import steps
 from opsd.reporting import finish_report
 from stages import dataset as dataset_stage
+from stages import retention as retention_stage
 
 # Caching is opsd's (content keys in the DuckDB catalog), not Prefect's: Prefect
 # would otherwise pickle task results to disk, and artifacts here are Parquet,
@@ -62,9 +63,15 @@ def teacher_task(p: Pipeline, rows, data, rollouts, teacher, skills, start_at, f
 
 
 @task(name="train", **TASK_OPTS)
-def train_task(p: Pipeline, rollouts, targets, init, start_at, force):
+def train_task(p: Pipeline, rollouts, targets, init, start_at, force, teacher=None, rows=None):
     return steps.train_step(p, rollouts, targets, init, force="train" in force,
-                            require_cached=steps.upstream_of("train", start_at))
+                            require_cached=steps.upstream_of("train", start_at),
+                            teacher=teacher, rows=rows)
+
+
+@task(name="retention", **TASK_OPTS)
+def retention_task(p: Pipeline, base, policy, force):
+    return steps.retention_step(p, base, policy, force="retention" in force)
 
 
 @flow(name="opsd-offline", persist_result=False, log_prints=True)
@@ -99,9 +106,11 @@ def offline_flow(
         rollouts = rollout_task(p, rows, data, student, teacher, start_at, force)
         skills = summarise_task(p, rollouts, student)
         targets = teacher_task(p, rows, data, rollouts, teacher, skills, start_at, force)
-        _, trained = train_task(p, rollouts, targets, student, start_at, force)
+        _, trained = train_task(p, rollouts, targets, student, start_at, force, teacher, rows)
         evals["after"] = evaluate_task(p, rows, data, trained, "evaluate/after", False, force)
-        metrics = finish_report(p, evals, rollouts=rollouts, targets=targets)
+        retention = retention_task(p, student, trained, force)
+        metrics = finish_report(p, evals, rollouts=rollouts, targets=targets,
+                                extra=retention_stage.headline(retention))
         return metrics
     except BaseException as err:
         p.finish("failed", error=f"{type(err).__name__}: {err}"[:2000])

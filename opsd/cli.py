@@ -19,11 +19,9 @@ from typing import List, Optional
 
 import typer
 
-# Defaults for embedded services, set before Prefect is imported anywhere.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # MLflow imports GitPython
+from opsd.env import apply_defaults
+
+apply_defaults()  # before Prefect is imported anywhere
 
 app = typer.Typer(
     add_completion=False,

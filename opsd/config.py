@@ -184,6 +184,11 @@ class RolloutConfig(_Strict):
         "bfloat16", description="Compute dtype for generation (weights copied once)."
     )
     guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+    sample_from: Literal["student", "teacher"] = Field(
+        "student",
+        description="teacher: sample the replies from the teacher *with* its privileged context while "
+        "storing the student's prompt ids (off-policy data for the sft baseline; offline only).",
+    )
 
 
 class TeacherConfig(_Strict):
@@ -209,12 +214,172 @@ class TeacherConfig(_Strict):
     context: ContextConfig = Field(default_factory=ContextConfig)
 
 
-class TrainConfig(_Strict):
-    objective: Literal["forward_kl_topk", "reverse_kl_sampled"] = Field(
-        "forward_kl_topk",
-        description="forward_kl_topk: sum_k pT(log pT - log pS) over teacher top-k plus a "
-        "tail bucket; reverse_kl_sampled: REINFORCE form with A_t = sg(log pT - log pS).",
+OBJECTIVES = ("forward_kl_topk", "reverse_kl_sampled", "reverse_kl_topk", "jsd", "nll", "none")
+# Objectives whose teacher distribution is computed during training (teacher.context ids are
+# stored by the teacher stage in contexts.parquet); the others read the cached top-k targets.
+LIVE_OBJECTIVES = ("jsd",)
+
+
+class DivergenceConfig(_Strict):
+    """How the per-token divergence of ``train.objective`` is formed (opsd.objectives.divergences)."""
+
+    topk_support: Literal["teacher", "student"] = Field(
+        "teacher",
+        description="Support of the top-k divergences: 'teacher' = the teacher's cached top-k ids "
+        "(works offline from the targets); 'student' = the student's own top-k ids at each step "
+        "(needs the teacher's log-probs on them: the teacher then runs live during training).",
     )
+    topk_tail: Literal["tail", "renorm"] = Field(
+        "tail",
+        description="Top-k divergences: 'tail' adds one rest-of-vocabulary class of mass 1 - sum(top-k) "
+        "(exact KL of the coarsened distributions); 'renorm' renormalises both distributions on the "
+        "top-k ids and drops the rest.",
+    )
+    jsd_beta: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="objective=jsd: generalized JSD(beta) of GKD (Agarwal et al. 2024): 0 = forward "
+        "KL(T||S), 1 = reverse KL(S||T), between: beta KL(T||M) + (1-beta) KL(S||M), "
+        "M = beta T + (1-beta) S.",
+    )
+    clip: float | None = Field(
+        None, gt=0.0,
+        description="Per-token divergence clipping (OPSD, Zhao et al. 2026): clamp divergence terms at "
+        "this value (nats); a clamped term gives no gradient. None disables.",
+    )
+    clip_mode: Literal["element", "token"] = Field(
+        "element",
+        description="element: clamp each vocabulary (or top-k class) term before summing, as the OPSD "
+        "code does; token: clamp the per-token divergence. reverse_kl_sampled clips its advantage "
+        "to [-clip, clip] in both modes.",
+    )
+    topk: int | None = Field(
+        None, ge=1, le=4096,
+        description="topk_support=student: size of the student's top-k support (default: teacher.topk "
+        "as stored in the targets).",
+    )
+
+
+class AdvantageConfig(_Strict):
+    """The per-token advantage of reverse_kl_sampled (policy-gradient form of on-policy distillation)."""
+
+    reward_scale: float = Field(
+        1.0, gt=0.0, le=100.0,
+        description="G-OPD reward scale lambda (Yang et al. 2026; lambda > 1 is ExOPD reward "
+        "extrapolation): A_t = lambda (log pT - log pRef) - (log pS - log pRef), pRef = the behaviour "
+        "policy's log-prob of y_t (the initial student in offline mode). 1 = plain OPD.",
+    )
+    baseline: Literal["none", "vopd"] = Field(
+        "none",
+        description="vOPD control variate (Oh et al. 2026): subtract the detached per-token value "
+        "V_t = -KL(pS||pT)_t from A_t (unbiased, lower variance); the KL is taken over the teacher's "
+        "cached top-k + tail bucket (the paper's top-k approximation).",
+    )
+
+
+class WeightingConfig(_Strict):
+    """Per-token weights of the distillation term (opsd.objectives.weighting)."""
+
+    position: Literal["none", "linear", "sigmoid", "iw_opd"] = Field(
+        "none",
+        description="Position weights. linear: w_min + (1-w_min) u; sigmoid (PW-OPSD, Liu et al. 2026): "
+        "w_min + (1-w_min) sigmoid((u - tau)/scale), u = (t+0.5)/L the relative position in the reply; "
+        "iw_opd (Xie et al. 2026): 1 + gamma (1 - sum_{s<t}|A_s| / sum_s |A_s|), A = log pT - log "
+        "pBehaviour (decreasing).",
+    )
+    position_min: float = Field(0.2, ge=0.0, le=1.0, description="w_min of linear/sigmoid weights.")
+    position_tau: float = Field(0.5, ge=0.0, le=1.0, description="sigmoid: midpoint u of the ramp.")
+    position_scale: float = Field(0.1, gt=0.0, le=10.0, description="sigmoid: width of the ramp.")
+    iw_gamma: float = Field(0.5, ge=0.0, le=100.0, description="iw_opd: gamma.")
+    normalize: bool = Field(
+        True,
+        description="Rescale linear/sigmoid/iw_opd weights to mean 1 within each reply (the reply's "
+        "total weight stays its token count; only the shape changes).",
+    )
+    skip_first: int = Field(0, ge=0, description="Give the first n tokens of every reply weight 0.")
+    entropy: Literal["none", "student", "teacher"] = Field(
+        "none",
+        description="Entropy-aware weights (SRPO, Li et al. 2026): w_t ~ exp(-H_t / entropy_tau), "
+        "normalised to mean 1 over the micro-batch, so confident targets count more. teacher: the "
+        "teacher's entropy (top-k + tail bucket from the cache, exact with a live teacher).",
+    )
+    entropy_tau: float = Field(1.0, gt=0.0, le=100.0, description="Temperature of entropy weights (nats).")
+
+
+class SelectionConfig(_Strict):
+    """TIP token selection (Xu et al. 2026): train on informative tokens only."""
+
+    mode: Literal["none", "tip"] = Field(
+        "none",
+        description="tip: keep the top `entropy_fraction` of tokens by student entropy plus the "
+        "low-entropy tokens whose teacher-student divergence is in the top `divergence_fraction` "
+        "(overconfident and wrong); kept tokens are reweighted so the micro-batch's total weight is "
+        "unchanged.",
+    )
+    entropy_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Share kept by student entropy.")
+    divergence_fraction: float = Field(
+        0.1, ge=0.0, le=1.0, description="Divergence quantile (top share) for low-entropy tokens."
+    )
+
+
+class RewardConfig(_Strict):
+    """Mixing distillation with verifier rewards (group = the samples of one dataset row)."""
+
+    rl_weight: float = Field(
+        0.0, ge=0.0, le=100.0,
+        description="Weight of the reward term: GRPO -A_i log pS(y_t), A_i = (r_i - mean_g r) / "
+        "(std_g r + eps) the group-normalised verifier reward of sample i (Shao et al. 2024); with "
+        "routing=scope the MLE term of passing replies.",
+    )
+    distill_weight: float = Field(1.0, ge=0.0, le=100.0, description="Weight of the distillation term.")
+    routing: Literal["none", "srpo", "scope"] = Field(
+        "none",
+        description="Route samples by correctness. srpo (Li et al. 2026): passed -> GRPO, failed -> "
+        "distillation. scope (Zheng et al. 2026): failed -> distillation weighted by "
+        "group-softmax(-log PPL_teacher / tau); passed -> MLE weighted by group-softmax("
+        "log PPL_student / tau).",
+    )
+    scope_tau: float = Field(1.0, gt=0.0, le=100.0, description="scope: softmax temperature.")
+    advantage_eps: float = Field(1e-4, gt=0.0, description="eps in the GRPO advantage denominator.")
+
+
+class TraceConfig(_Strict):
+    """TRACE-style span routing (Wang et al. 2026): KL only on marked spans, GRPO elsewhere.
+
+    Spans are regexes applied to each reply's text (character matches → the tokens they
+    overlap): ``key_patterns`` / ``error_patterns`` here apply to every row; a row may add its own
+    under ``metadata.trace`` as ``{"key": [regex, ...], "error": [regex, ...]}``;
+    ``key_from_verifier`` also marks the match of the row's regex verifier as a key span.
+    """
+
+    enabled: bool = Field(False, description="Route tokens by spans (objective is then unused).")
+    key_patterns: list[str] = Field(default_factory=list, description="Regexes of key spans.")
+    error_patterns: list[str] = Field(default_factory=list, description="Regexes of error spans.")
+    key_from_verifier: bool = Field(
+        True, description="Mark a regex verifier's match in a passing reply as a key span."
+    )
+    kl_weight: float = Field(1.0, ge=0.0, le=100.0, description="KL weight before annealing.")
+    warmup_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Share of the steps at full KL weight."
+    )
+    decay_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Share of the steps over which the KL weight falls to 0."
+    )
+
+
+class TrainConfig(_Strict):
+    objective: Literal[OBJECTIVES] = Field(  # type: ignore[valid-type]
+        "forward_kl_topk",
+        description="forward_kl_topk: sum pT(log pT - log pS) on the top-k support (+ tail); "
+        "reverse_kl_sampled: REINFORCE form, A_t = sg(log pT - log pS); reverse_kl_topk: sum pS(log pS "
+        "- log pT) on the top-k support (+ tail); jsd: full-vocabulary generalized JSD(beta) with a "
+        "live teacher; nll: -log pS(y_t) (SFT on the stored replies); none: reward terms only.",
+    )
+    divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
+    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
+    weighting: WeightingConfig = Field(default_factory=WeightingConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    rewards: RewardConfig = Field(default_factory=RewardConfig)
+    trace: TraceConfig = Field(default_factory=TraceConfig)
     epochs: int = Field(2, ge=1, le=1000, description="Passes over the cached targets.")
     batch_size: int = Field(16, ge=1, description="Sequences per optimiser step.")
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward.")
@@ -227,23 +392,58 @@ class TrainConfig(_Strict):
     )
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     temperature: float = Field(
-        1.0, gt=0.0, le=10.0, description="Temperature applied to student logits in the loss."
+        1.0, gt=0.0, le=10.0,
+        description="Temperature of the student's (and a live teacher's) logits in the loss; must "
+        "equal rollout.temperature (the one the behaviour log-probs were sampled at) unless "
+        "allow_temperature_mismatch.",
+    )
+    allow_temperature_mismatch: bool = Field(
+        False, description="Accept train.temperature != rollout.temperature (warned at train time)."
     )
     importance_ratio_clip: float | None = Field(
-        None, gt=1.0, description="reverse_kl_sampled: weight tokens by pi_S/pi_behaviour "
-        "clipped to [1/c, c]; None disables.",
+        None, gt=1.0, description="reverse_kl_sampled and reward terms: weight tokens by "
+        "pi_S/pi_behaviour clipped to [1/c, c]; None disables.",
     )
     autocast: Literal["bfloat16", "none"] = Field(
         "bfloat16", description="Mixed precision for forward/backward; master weights stay fp32."
     )
     logit_chunk: int = Field(
-        256, ge=1, description="Response positions per log-softmax chunk (bounds memory)."
+        256, ge=1, description="Response positions per log-softmax chunk (bounds memory: one "
+        "[logit_chunk, V] block of student (and live-teacher) logits at a time)."
     )
     seed: int = Field(0, description="Data order and init seed.")
     save_every: int = Field(
         50, ge=0, description="Save a resume point (weights, optimizer, RNG) every N steps so a "
         "killed train stage continues where it stopped (0: never)."
     )
+
+    @property
+    def live_teacher(self) -> bool:
+        """True when the teacher's logits are computed during training (not read from the cache)."""
+        return self.objective in LIVE_OBJECTIVES or (
+            self.objective in ("forward_kl_topk", "reverse_kl_topk")
+            and self.divergence.topk_support == "student"
+        )
+
+    @model_validator(mode="after")
+    def _objective_consistent(self) -> "TrainConfig":
+        r = self.rewards
+        if self.objective == "none" and r.rl_weight == 0 and r.routing == "none" and not self.trace.enabled:
+            raise ValueError("objective=none trains nothing: set rewards.rl_weight, rewards.routing "
+                             "or trace.enabled")
+        if (self.advantage.reward_scale != 1.0 or self.advantage.baseline != "none") and (
+                self.objective != "reverse_kl_sampled"):
+            raise ValueError("advantage.reward_scale / advantage.baseline apply to "
+                             "objective=reverse_kl_sampled only")
+        if r.routing != "none" and r.rl_weight == 0:
+            raise ValueError(f"rewards.routing={r.routing} sends passing replies to the reward term: "
+                             "set rewards.rl_weight > 0")
+        if r.routing != "none" and self.trace.enabled:
+            raise ValueError("rewards.routing and trace.enabled both route tokens; pick one")
+        if self.divergence.topk_support == "student" and self.objective not in (
+                "forward_kl_topk", "reverse_kl_topk"):
+            raise ValueError("divergence.topk_support=student applies to forward_kl_topk/reverse_kl_topk")
+        return self
 
 
 class EvalConfig(_Strict):
@@ -259,6 +459,20 @@ class EvalConfig(_Strict):
     )
     seed: int = Field(1234, description="Seed of sampled eval.")
     dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="Generation dtype.")
+
+
+class RetentionConfig(_Strict):
+    """Forgetting check on general prompts without any rule (stages/retention.py)."""
+
+    enabled: bool = Field(
+        False,
+        description="After evaluate/after: the trained student's mean log-likelihood of the base "
+        "model's own greedy replies and their exact-match rate, relative to the base model.",
+    )
+    prompts: int = Field(32, ge=1, le=32, description="How many of the 32 built-in prompts to use.")
+    max_new_tokens: int = Field(48, ge=1, le=4096, description="Length cap of the greedy replies.")
+    batch_size: int = Field(32, ge=1, description="Sequences generated/scored together.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Generation/scoring dtype.")
 
 
 class OnlineConfig(_Strict):
@@ -293,6 +507,7 @@ class PipelineConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     online: OnlineConfig = Field(default_factory=OnlineConfig)
     summarise: SummariseConfig = Field(default_factory=SummariseConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
     @field_validator("name")
     @classmethod
@@ -317,6 +532,24 @@ class PipelineConfig(_Strict):
             raise ValueError("rollout.guidance needs rollout.backend=hf (lockstep decoding)")
         if self.teacher.kind == "external" and self.teacher.model is None:
             raise ValueError("teacher.kind=external needs teacher.model.name")
+        t_roll, t_train = self.rollout.temperature, self.train.temperature
+        if t_roll > 0 and t_roll != t_train and not self.train.allow_temperature_mismatch:
+            raise ValueError(
+                f"train.temperature ({t_train}) differs from rollout.temperature ({t_roll}): the loss "
+                "would score the replies under another distribution than the one that sampled them; "
+                "use one temperature, or set train.allow_temperature_mismatch=true"
+            )
+        if self.mode == "online" and (self.train.live_teacher or self.train.trace.enabled):
+            # The online loop builds its Trainer without a teacher model and loads examples
+            # without rows/tokenizer (opsd/online.py); refuse rather than train silently wrong.
+            raise ValueError("live-teacher objectives and train.trace run in offline mode only "
+                             "(the online loop does not pass the teacher model / span rows yet)")
+        if self.rollout.sample_from == "teacher":
+            if self.mode != "offline":
+                raise ValueError("rollout.sample_from=teacher (the sft baseline) is offline only")
+            if self.rollout.guidance.enabled:
+                raise ValueError("rollout.sample_from=teacher samples from the teacher already; "
+                                 "disable rollout.guidance")
         return self
 
     def section(self, name: str) -> dict[str, Any]:

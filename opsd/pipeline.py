@@ -10,6 +10,7 @@ always list all of its stages.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ import secrets
 import shutil
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -103,6 +105,8 @@ class Pipeline:
         run_dir = self.layout.run_dir(self.run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+        for dead in self.catalog.reap_dead_runs():
+            self.say(f"run {dead} had died without finishing (killed); marked as such")
         existing = self.catalog.run(self.run_id)
         if existing is None:
             self.catalog.start_run(self.run_id, self.cfg.name, self.cfg.mode, cfg_dict,
@@ -155,6 +159,30 @@ class Pipeline:
         (logging plots/tables to the stage's MLflow run).
         """
         key = self.key(stage, config, inputs)
+        # One process computes a key at a time: a concurrent run needing the same artifact
+        # waits for it and then reuses it, instead of writing the same staging dir.
+        with self._key_lock(stage, key, label):
+            return self._stage(label, stage, key, config, inputs, fn, force=force,
+                               require_cached=require_cached, kind=kind, after=after)
+
+    @contextmanager
+    def _key_lock(self, stage: str, key: str, label: str):
+        # Lock files stay (unlinking one another process waits on would split the lock).
+        locks = self.layout.tmp / "locks"
+        locks.mkdir(exist_ok=True)
+        path = locks / f"{stage}-{key}.lock"
+        with open(path, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.say(f"stage {label}: another run is computing key {key}; waiting to reuse it")
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _stage(self, label, stage, key, config, inputs, fn, *, force, require_cached, kind, after):
         t0 = time.perf_counter()
         found = None if force else self.catalog.artifact(key)
         if found is None and require_cached:

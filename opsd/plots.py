@@ -9,7 +9,6 @@ Plotting never fails a run: errors are logged and skipped.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -43,6 +42,9 @@ def training_curve_figure(history: dict[str, list]):
 
 
 def log_training_curves(p: "Pipeline", art: "Artifact", stage_run: str | None) -> None:
+    """Training curves of a train artifact as an MLflow plot (artifacts stay immutable)."""
+    if not (p.tracker and stage_run):
+        return
     try:
         from storage.parquet import read_table
 
@@ -52,20 +54,11 @@ def log_training_curves(p: "Pipeline", art: "Artifact", stage_run: str | None) -
         history = read_table(path).to_pydict()
         if not history["step"]:
             return
-        png = art.path / "training_curves.png"
-        if not png.exists():
-            fig = training_curve_figure(history)
-            fig.savefig(_tmp_png(png), dpi=110)
-            _plt().close(fig)
-            _tmp_png(png).rename(png)
-        if p.tracker and stage_run:
-            p.tracker.log_artifact(stage_run, png, "plots")
+        fig = training_curve_figure(history)
+        p.tracker.log_figure(stage_run, fig, "plots/training_curves.png")
+        _plt().close(fig)
     except Exception as err:  # plotting must never fail a run
         log.warning("training curve plot skipped: %s", err)
-
-
-def _tmp_png(path: Path) -> Path:
-    return path.with_name("." + path.name + ".tmp.png")
 
 
 def log_eval_table(p: "Pipeline", art: "Artifact", stage_run: str | None) -> None:

@@ -31,9 +31,9 @@ def force_labels(stage: str) -> list[str]:
     if stage == "evaluate":
         return list(EVAL_LABELS)
     if stage == "dataset":
-        return STAGE_ORDER[:-1] + EVAL_LABELS
+        return STAGE_ORDER[:-1] + EVAL_LABELS + ["retention"]
     i = STAGE_ORDER.index(stage)
-    return STAGE_ORDER[i:-1] + ["evaluate/after"]
+    return STAGE_ORDER[i:-1] + ["evaluate/after", "retention"]
 
 
 def upstream_of(stage: str, start_at: str | None) -> bool:
@@ -91,13 +91,17 @@ def rollout_step(p: Pipeline, rows: list[Row], data: Artifact, policy: Policy, *
     cfg.update({"iteration": iteration, "subset": sorted(subset) if subset is not None else None})
     inputs = {"dataset": data.key, "policy": policy.key}
     guided = p.cfg.rollout.guidance.enabled
-    if guided:
+    from_teacher = p.cfg.rollout.sample_from == "teacher"
+    if guided or from_teacher:
         if teacher is None:
-            raise ValueError("rollout.guidance.enabled needs the teacher policy")
+            raise ValueError("rollout.guidance / rollout.sample_from=teacher need the teacher policy")
         inputs["teacher"] = teacher.key
         cfg["context"] = config_for_key(p.cfg.teacher.context)
-    else:
+    if not guided:
         cfg.pop("guidance", None)  # irrelevant when off: keeps keys stable
+    if not from_teacher:
+        cfg.pop("sample_from", None)
+    guided = guided or from_teacher  # both pass the teacher and its context to the stage
     return p.stage(
         label, "rollout", cfg, inputs,
         lambda ctx: (before_run and before_run()) or rollout_stage.run(
@@ -168,17 +172,31 @@ def teacher_step(p: Pipeline, rows: list[Row], data: Artifact, rollouts: Artifac
 
 
 def train_step(p: Pipeline, rollouts: Artifact, targets: Artifact, init: Policy, *,
-               label="train", force=False, require_cached=False) -> tuple[Artifact, Policy]:
+               label="train", force=False, require_cached=False, teacher: Policy | None = None,
+               rows: list[Row] | None = None) -> tuple[Artifact, Policy]:
+    """``teacher``: for live-teacher objectives (default: the run's teacher); ``rows``: for
+    TRACE spans (their metadata and verifiers)."""
     from opsd.plots import log_training_curves
 
     cfg = config_for_key(p.cfg.train)
+    tcfg = p.cfg.train
+    if tcfg.live_teacher and teacher is None:
+        teacher = resolve_policies(p.cfg)[1]
+    inputs = {"rollouts": rollouts.key, "targets": targets.key, "init": init.key}
+    if tcfg.live_teacher:
+        inputs["teacher"] = teacher.key
+        cfg["teacher_dtype"] = p.cfg.teacher.dtype
 
     def after(art: Artifact, stage_run):
         log_training_curves(p, art, stage_run)
 
     art = p.stage(
-        label, "train", cfg, {"rollouts": rollouts.key, "targets": targets.key, "init": init.key},
-        lambda ctx: train_stage.run(p.cfg.train, rollouts, targets, init, ctx),
+        label, "train", cfg, inputs,
+        lambda ctx: train_stage.run(
+            tcfg, rollouts, targets, init, ctx, teacher=teacher, teacher_dtype=p.cfg.teacher.dtype,
+            teacher_batch_size=p.cfg.teacher.batch_size,
+            rows=[r for r in rows if r.split == "train"] if rows is not None else None,
+            rollout_temperature=p.cfg.rollout.temperature),
         force=force, require_cached=require_cached, after=after,
     )
     trained = Policy(key=art.key, path=art.path / "model", label="trained")
@@ -202,6 +220,27 @@ def evaluate_step(p: Pipeline, rows: list[Row], data: Artifact, policy: Policy, 
                                        with_context=ctx_cfg, backend=p.cfg.rollout.backend),
         force=force, after=lambda art, run: log_eval_table(p, art, run),
     )
+
+
+def retention_step(p: Pipeline, base: Policy, policy: Policy, *, label="retention",
+                   force=False) -> Artifact | None:
+    """Forgetting check of ``policy`` against the ``base`` model (None when retention is off).
+    The base model's replies are their own artifact, shared by every run on that base."""
+    from stages import retention as retention_stage
+
+    rc = p.cfg.retention
+    if not rc.enabled:
+        return None
+    cfg = config_for_key(rc, drop=("batch_size", "enabled"))
+    base_art = p.stage(f"{label}/base", "retention_base", cfg, {"policy": base.key},
+                       lambda ctx: retention_stage.base_run(rc, base, ctx))
+    art = p.stage(label, "retention", cfg, {"base": base_art.key, "policy": policy.key},
+                  lambda ctx: retention_stage.run(rc, base_art, policy, ctx), force=force)
+    m = art.manifest
+    p.say(f"stage {label}: mean log-likelihood of the base model's greedy replies "
+          f"{m['logprob']:.3f} (base {m['base_logprob']:.3f}, delta {m['logprob_delta']:+.3f}); "
+          f"greedy exact match {m['exact_match'] * 100:.1f}%")
+    return art
 
 
 def headline_metrics(evals: dict[str, Artifact]) -> dict[str, float]:

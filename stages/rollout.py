@@ -71,9 +71,18 @@ def run(
     """Sample ``cfg.n`` replies for every row in ``rows`` (already the train selection).
 
     With ``cfg.guidance.enabled`` the ``teacher`` (reading its privileged
-    ``context``) decodes in lockstep and may replace strongly rejected tokens.
+    ``context``) decodes in lockstep and may replace strongly rejected tokens. With
+    ``cfg.sample_from == "teacher"`` the teacher writes the replies itself (its behaviour
+    log-probs are stored) while the stored prompt ids stay the student's.
     """
     tokenizer = ctx.pool.tokenizer(policy)
+    from_teacher = cfg.sample_from == "teacher"
+    if from_teacher:
+        # Off-policy data (the sft baseline): the teacher writes the replies from its privileged
+        # prompt; the stored prompt ids are still the student's, so training sees the student's view.
+        if teacher is None or context is None:
+            raise ValueError("rollout.sample_from=teacher needs the teacher policy and its context config")
+        engine = engine or make_generator(cfg, ctx.pool, teacher)
     engine = engine or make_generator(cfg, ctx.pool, policy)
     if cfg.guidance.enabled:
         if teacher is None or context is None:
@@ -104,8 +113,15 @@ def run(
                 for r in chunk
             ]
             guidance = Guidance(guide_model, contexts, g.threshold, g.min_teacher_prob, g.max_per_sample)
-        gens = engine.generate(prompts, params, progress=bar.update, guidance=guidance)
-        table = sample_rows(chunk, prompts, gens, tokenizer, policy.key, iteration)
+        gen_prompts = prompts
+        if from_teacher:
+            gen_prompts = [
+                teacher_ids(tokenizer, r, build_context(r, context), student_turn_ids(tokenizer, r))
+                for r in chunk
+            ]
+        gens = engine.generate(gen_prompts, params, progress=bar.update, guidance=guidance)
+        table = sample_rows(chunk, prompts, gens, tokenizer,
+                            teacher.key if from_teacher else policy.key, iteration)
         write_table_atomic(table, ctx.out_dir / shard_name(shard))
         tokens += sum(len(g.response_ids) for g in gens)
         generated += len(gens)

@@ -21,7 +21,8 @@ from opsd.context.render import build_context, check_length, student_ids, studen
 from opsd.data.rows import Row
 from opsd.pool import Policy
 from stages.common import Artifact, StageContext, ids_hash
-from storage.parquet import TEACHER, completed_shards, read_table, shard_name, write_table_atomic
+from storage.parquet import (CONTEXTS, CONTEXTS_FILE, TEACHER, completed_shards, read_table, shard_name,
+                             write_table_atomic)
 
 
 class RolloutMismatch(ValueError):
@@ -123,6 +124,7 @@ def run(
             scored_tokens += len(responses[j])
         write_table_atomic(pa.Table.from_pydict(cols, schema=TEACHER), ctx.out_dir / shard_name(shard))
     bar.close()
+    write_contexts(contexts, ctx.out_dir / CONTEXTS_FILE)
     seconds = time.perf_counter() - t0
     view_counts: dict[str, int] = {}
     for v in views:
@@ -140,6 +142,17 @@ def run(
         "consensus": cfg.context.consensus,
         "scorer": {k: v for k, v in stats.items()},
     }
+
+
+def write_contexts(contexts, path) -> None:
+    """Each distinct teacher prompt once (context_hash → ids), for live-teacher objectives.
+    With consensus scoring these are the first view set's prompts."""
+    seen: dict[str, list[int]] = {}
+    for ids in contexts:
+        seen.setdefault(ids_hash(ids), list(ids))
+    table = pa.Table.from_pydict({"context_hash": list(seen), "context_ids": list(seen.values())},
+                                 schema=CONTEXTS)
+    write_table_atomic(table, path)
 
 
 def _max_len(ctx: StageContext, teacher: Policy) -> int | None:

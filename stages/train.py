@@ -15,25 +15,40 @@ import shutil
 import time
 from pathlib import Path
 
+import logging
+
 import numpy as np
 
 from opsd.config import TrainConfig
+from opsd.objectives import mixing
 from opsd.pool import Policy
 from opsd.training.batches import Example
 from opsd.training.loop import NumericalError, Trainer, plan_batches
 from opsd.training.state import has_resume_point, load_resume_point, save_resume_point
 from stages.common import Artifact, StageContext, ids_hash
-from storage.parquet import TRAIN_METRICS, read_table, write_table_atomic
+from storage.parquet import CONTEXTS_FILE, TRAIN_METRICS, read_table, write_table_atomic
+
+
+log = logging.getLogger("opsd")
 
 
 class TargetMismatch(ValueError):
     """Teacher targets that do not belong to the rollouts they are trained with."""
 
 
-def load_examples(rollouts: Artifact, targets: Artifact) -> list[Example]:
+def load_examples(rollouts: Artifact, targets: Artifact, cfg: TrainConfig | None = None, *,
+                  rows: list | None = None, tokenizer=None) -> list[Example]:
+    """Examples of every rollout with its teacher targets, checked to belong together.
+
+    With ``cfg`` also the per-sample inputs of the objective: GRPO advantages and SCOPE weights
+    (computed over *all* samples, so a group split across batches is normalised as a whole),
+    TRACE span masks (needs ``rows`` and the ``tokenizer``), and the teacher's context ids for
+    live-teacher objectives (``contexts.parquet`` of the teacher artifact).
+    """
     r = read_table(
         rollouts.path,
-        columns=["sample_id", "row_id", "prompt_ids", "response_ids", "behaviour_logprobs", "reward"],
+        columns=["sample_id", "row_id", "prompt_ids", "response_ids", "behaviour_logprobs", "reward",
+                 "passed", "text"],
     ).to_pydict()
     t = read_table(targets.path).to_pydict()
     index = {sid: i for i, sid in enumerate(t["sample_id"])}
@@ -43,6 +58,9 @@ def load_examples(rollouts: Artifact, targets: Artifact) -> list[Example]:
             f"{len(missing)} rollouts have no teacher targets in {targets.path} (e.g. {missing[0]}); "
             "rerun the teacher stage for these rollouts"
         )
+    contexts = None
+    if cfg is not None and cfg.live_teacher:
+        contexts = read_contexts(targets)
     examples = []
     for i, sid in enumerate(r["sample_id"]):
         j = index[sid]
@@ -58,6 +76,12 @@ def load_examples(rollouts: Artifact, targets: Artifact) -> list[Example]:
                 f"not {rollouts.key}"
             )
         k = len(t["topk_ids"][j][0]) if resp else 1
+        ctx_ids = None
+        if contexts is not None:
+            ctx_ids = contexts.get(t["context_hash"][j])
+            if ctx_ids is None:
+                raise TargetMismatch(f"context {t['context_hash'][j]} of {sid} is missing from "
+                                     f"{targets.path}/contexts.parquet; rerun the teacher stage")
         examples.append(
             Example(
                 sample_id=sid,
@@ -70,10 +94,59 @@ def load_examples(rollouts: Artifact, targets: Artifact) -> list[Example]:
                 tail=np.asarray(t["tail_mass"][j], dtype=np.float32),
                 reward=float(r["reward"][i]) if r["reward"][i] is not None else 0.0,
                 group=r["row_id"][i],
+                passed=r["passed"][i],
+                teacher_context_ids=ctx_ids,
             )
         )
+    attach_group_stats(examples, cfg if cfg is not None else TrainConfig())
+    if cfg is not None:
+        if cfg.trace.enabled:
+            attach_spans(examples, dict(zip(r["sample_id"], r["text"])), cfg, rows, tokenizer)
     # Empty responses carry no training signal (and no positions to score).
     return [e for e in examples if e.response_ids]
+
+
+def read_contexts(targets: Artifact) -> dict[str, list[int]]:
+    """context_hash → teacher prompt ids, from the teacher artifact's ``contexts.parquet``."""
+    f = targets.path / CONTEXTS_FILE
+    if not f.exists():
+        raise TargetMismatch(
+            f"{targets.path} has no {CONTEXTS_FILE} (teacher context ids), which live-teacher "
+            "objectives need; rerun the teacher stage with this version of opsd (--force teacher)"
+        )
+    c = read_table(f).to_pydict()
+    return {h: list(ids) for h, ids in zip(c["context_hash"], c["context_ids"])}
+
+
+def attach_group_stats(examples: list[Example], cfg: TrainConfig) -> None:
+    """GRPO advantages and SCOPE weights, over all samples of the artifact (group = row)."""
+    if not examples:
+        return
+    groups = [e.group for e in examples]
+    adv = mixing.group_advantages([e.reward for e in examples], groups, cfg.rewards.advantage_eps)
+    ppl_t = [mixing.sequence_log_ppl(e.teacher_logp) for e in examples]
+    ppl_s = [mixing.sequence_log_ppl(e.behaviour_logp) for e in examples]  # the sampling student
+    scope = mixing.scope_weights(ppl_t, ppl_s, [e.passed for e in examples], groups,
+                                 cfg.rewards.scope_tau)
+    for e, a, w in zip(examples, adv, scope):
+        e.advantage, e.scope_weight = float(a), float(w)
+
+
+def attach_spans(examples: list[Example], texts: dict[str, str], cfg: TrainConfig, rows, tokenizer) -> None:
+    """TRACE key/error token masks from regexes over each reply's verified text."""
+    if tokenizer is None:
+        raise ValueError("trace spans need the tokenizer (to map text spans onto tokens)")
+    by_id = {row.id: row for row in rows or []}
+    tc = cfg.trace
+    for e in examples:
+        key_p, err_p = mixing.row_span_patterns(by_id.get(e.group), tc.key_patterns, tc.error_patterns,
+                                                tc.key_from_verifier)
+        if not e.response_ids or not (key_p or err_p):
+            continue
+        text = texts.get(e.sample_id) or ""
+        offsets = mixing.token_char_offsets(tokenizer, e.response_ids)
+        e.key_mask = mixing.spans_to_token_mask(offsets, mixing.char_spans(text, key_p))
+        e.error_mask = mixing.spans_to_token_mask(offsets, mixing.char_spans(text, err_p))
 
 
 def save_checkpoint(model, tokenizer, folder: Path) -> None:
@@ -88,21 +161,42 @@ def run(
     targets: Artifact,
     init: Policy,
     ctx: StageContext,
+    *,
+    teacher: Policy | None = None,
+    teacher_dtype: str = "bfloat16",
+    teacher_batch_size: int = 32,
+    rows: list | None = None,
+    rollout_temperature: float | None = None,
 ) -> dict:
-    """Offline training: ``cfg.epochs`` passes; writes ``model/`` and ``metrics.parquet``."""
+    """Offline training: ``cfg.epochs`` passes; writes ``model/`` and ``metrics.parquet``.
+
+    ``teacher`` (and its dtype) is needed by live-teacher objectives, ``rows`` by TRACE spans.
+    """
     import torch
 
-    examples = load_examples(rollouts, targets)
+    tokenizer = ctx.pool.tokenizer(init)
+    examples = load_examples(rollouts, targets, cfg, rows=rows, tokenizer=tokenizer)
     if not examples:
         raise TargetMismatch(f"no trainable examples in {rollouts.path}")
+    if rollout_temperature not in (None, 0.0) and rollout_temperature != cfg.temperature:
+        log.warning("train.temperature=%s differs from rollout.temperature=%s "
+                    "(allow_temperature_mismatch)", cfg.temperature, rollout_temperature)
+    if cfg.temperature != 1.0 and not cfg.live_teacher and cfg.objective != "nll":
+        log.warning("train.temperature=%s: the cached teacher targets are temperature-1 log-probs; "
+                    "only the student's logits are tempered", cfg.temperature)
     torch.manual_seed(cfg.seed)
     model = ctx.pool.master(init)
     # Train a private copy: the pool's master of the initial policy stays the frozen
     # base model for the teacher and the 'before' evaluation.
     model = copy.deepcopy(model)
-    tokenizer = ctx.pool.tokenizer(init)
+    teacher_model = None
+    if cfg.live_teacher:
+        if teacher is None:
+            raise ValueError(f"objective {cfg.objective!r} needs the teacher policy (live teacher)")
+        teacher_model = ctx.pool.inference(teacher, teacher_dtype)
     plan = plan_batches(len(examples), cfg)
-    trainer = Trainer(model, cfg, tokenizer.pad_token_id, total_steps=len(plan))
+    trainer = Trainer(model, cfg, tokenizer.pad_token_id, total_steps=len(plan),
+                      teacher_model=teacher_model, teacher_batch_size=teacher_batch_size)
     history: list[dict] = []
     resume_dir = ctx.out_dir / "resume"
     start = 0
@@ -140,6 +234,7 @@ def run(
     write_history(history, ctx.out_dir / "metrics.parquet")
     ctx.extras["trained_model"] = model
     tokens = sum(h["tokens"] for h in history)
+    passed = [e.passed for e in examples if e.passed is not None]
     return {
         "steps": len(history),
         "epochs": cfg.epochs,
@@ -151,6 +246,12 @@ def run(
         "final_kl": history[-1]["kl"],
         "objective": cfg.objective,
         "temperature": cfg.temperature,
+        "rollout_temperature": rollout_temperature,
+        "live_teacher": cfg.live_teacher,
+        "passed_fraction": sum(passed) / len(passed) if passed else None,
+        "means": {k: float(np.mean([h[k] for h in history if k in h]))
+                  for k in ("distill_fraction", "pg_fraction", "selected_fraction", "kl_weight",
+                            "key_fraction", "error_fraction") if any(k in h for h in history)},
     }
 
 

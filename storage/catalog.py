@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from contextlib import contextmanager
@@ -34,6 +35,10 @@ SCHEMA = [
         run_id VARCHAR, label VARCHAR, stage VARCHAR, key VARCHAR, status VARCHAR,
         cached BOOLEAN, started_at TIMESTAMP, finished_at TIMESTAMP, seconds DOUBLE,
         mlflow_run_id VARCHAR, error VARCHAR, PRIMARY KEY(run_id, label))""",
+    # Which process runs a run: a run whose process died (SIGKILL, power loss) is marked
+    # 'killed' by the next run instead of staying 'running' forever.
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid INTEGER",
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS host VARCHAR",
     """CREATE TABLE IF NOT EXISTS artifacts(
         key VARCHAR PRIMARY KEY, stage VARCHAR, kind VARCHAR, path VARCHAR, rows BIGINT,
         bytes BIGINT, hash VARCHAR, status VARCHAR, created_at TIMESTAMP,
@@ -65,6 +70,16 @@ FROM teacher_targets t JOIN rollouts r
 
 class CatalogBusy(RuntimeError):
     pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _now() -> datetime:
@@ -153,10 +168,25 @@ class Catalog:
                   parent_run_id: str | None = None, prefect_flow_run_id: str | None = None) -> None:
         with self._write() as con:
             con.execute(
-                "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [run_id, name, mode, "running", json.dumps(config, sort_keys=True), config_hash,
-                 _now(), None, None, prefect_flow_run_id, parent_run_id, "{}", None],
+                 _now(), None, None, prefect_flow_run_id, parent_run_id, "{}", None,
+                 os.getpid(), socket.gethostname()],
             )
+
+    def reap_dead_runs(self) -> list[str]:
+        """Mark runs (and their stages) whose process on this host is gone as 'killed'."""
+        host = socket.gethostname()
+        with self._write() as con:
+            rows = con.execute(
+                "SELECT run_id, pid FROM runs WHERE status = 'running' AND host = ?", [host]
+            ).fetchall()
+            dead = [rid for rid, pid in rows if pid is not None and not _alive(pid)]
+            for rid in dead:
+                con.execute("UPDATE runs SET status='killed', finished_at=? WHERE run_id=?", [_now(), rid])
+                con.execute("UPDATE stages SET status='killed', finished_at=? "
+                            "WHERE run_id=? AND status='running'", [_now(), rid])
+        return dead
 
     def update_run(self, run_id: str, **fields: Any) -> None:
         allowed = {"status", "mlflow_run_id", "prefect_flow_run_id", "metrics_json", "error",
@@ -262,6 +292,8 @@ class Catalog:
         for r in rows:
             d = dict(zip(cols, r))
             d["metrics"] = json.loads(d.pop("metrics_json") or "{}")
+            d.pop("pid", None)
+            d.pop("host", None)
             d["config"] = json.loads(d.pop("config_json") or "{}")
             out.append(d)
         return out

@@ -58,6 +58,17 @@ TEACHER = pa.schema(
     metadata={"opsd.kind": "teacher"},
 )
 
+# The teacher's prompt ids (privileged context + the student's turns), once per distinct
+# context: live-teacher objectives re-run the teacher on them during training.
+CONTEXTS_FILE = "contexts.parquet"
+CONTEXTS = pa.schema(
+    [
+        ("context_hash", pa.string()),
+        ("context_ids", pa.list_(I32)),
+    ],
+    metadata={"opsd.kind": "teacher_contexts"},
+)
+
 EVAL_SAMPLES = pa.schema(
     [
         ("policy", pa.string()),

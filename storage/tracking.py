@@ -8,9 +8,11 @@ file store); set ``MLFLOW_TRACKING_URI`` to use a server instead.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import re
+from contextlib import contextmanager
 import os
 import tempfile
 import time
@@ -60,6 +62,41 @@ def safe_params(params: dict) -> dict[str, str]:
     return out
 
 
+@contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class _Retrying:
+    """MlflowClient proxy retrying SQLite 'database is locked' errors (concurrent runs)."""
+
+    def __init__(self, client, attempts: int = 20):
+        self._client = client
+        self._attempts = attempts
+
+    def __getattr__(self, name):
+        fn = getattr(self._client, name)
+        if not callable(fn):
+            return fn
+
+        def call(*args, **kwargs):
+            for i in range(self._attempts):
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as err:  # MlflowException wraps sqlalchemy OperationalError
+                    if "locked" not in str(err).lower() or i == self._attempts - 1:
+                        raise
+                    time.sleep(0.1 * (i + 1))
+
+        return call
+
+
 class Tracker:
     """Thin wrapper over ``MlflowClient`` bound to one pipeline (parent) run."""
 
@@ -68,17 +105,17 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri(mlflow_db)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            try:
+        # Creating the SQLite schema and the experiment is not safe for two processes at
+        # once (both try CREATE TABLE): serialise the first contact with a file lock.
+        with _file_lock(Path(mlflow_db).with_name(Path(mlflow_db).name + ".lock")):
+            self.client = _Retrying(MlflowClient(tracking_uri=self.uri))
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
                 self.experiment_id = self.client.create_experiment(
                     experiment, artifact_location=Path(artifact_root).resolve().as_uri()
                 )
-            except Exception:  # created concurrently by another run
-                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
-        else:
-            self.experiment_id = exp.experiment_id
+            else:
+                self.experiment_id = exp.experiment_id
         self.parent_id: str | None = None
 
     def start_pipeline(self, run_name: str, params: dict, tags: dict[str, str]) -> str:

@@ -83,7 +83,7 @@ def test_online_sigkill_resumes_after_last_completed_iteration(tiny_model_dir, t
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen([sys.executable, "-m", "opsd.cli", "run", str(recipe), "--root", str(root),
                              "--no-progress"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     killed_after = None
     while time.time() < deadline and proc.poll() is None:
@@ -94,7 +94,7 @@ def test_online_sigkill_resumes_after_last_completed_iteration(tiny_model_dir, t
             except Exception:
                 rows = []
             if len(rows) >= 2:
-                proc.send_signal(signal.SIGKILL)  # mid-iteration 2 at the latest
+                os.killpg(proc.pid, signal.SIGKILL)  # mid-iteration 2 at the latest, with Prefect's server
                 killed_after = len(rows)
                 break
         time.sleep(0.2)

@@ -185,6 +185,25 @@ def test_teacher_scores_match_hf_fp32(engine, hf, contexts, greedy_hf):
 
 
 @needs_vllm
+def test_prefix_cache_hits_into_the_response_are_rescored(engine, contexts):
+    """Scoring the same rows again hits vLLM's prefix cache past the context; those
+    rows carry no log-probs, so the scorer recomputes them and the targets are unchanged."""
+    _, scorer = engine
+    # 120 context + 40 response tokens: any block size from 16 to 128 caches past the context.
+    ids = [t for c in contexts[3:6] for t in c]
+    assert len(ids) >= 160
+    ctx, resp = [ids[:120], ids[:120]], [ids[120:160], ids[120:150]]
+    first = scorer.score(ctx, resp, topk=5)
+    before = dict(scorer.stats)
+    second = scorer.score(ctx, resp, topk=5)
+    assert scorer.stats["rescored"] > before["rescored"]
+    assert scorer.stats["cached_tokens"] > before["cached_tokens"]
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a.sampled_logprob_R, b.sampled_logprob_R, atol=1e-4, rtol=0)
+        assert torch.equal(a.topk_ids_RK, b.topk_ids_RK)
+
+
+@needs_vllm
 def test_weight_update_changes_engine_logprobs(engine, hf, smol_path, contexts, greedy_hf):
     from opsd.backends.vllm import VLLMGenerator
 
@@ -225,3 +244,21 @@ def test_seeded_sampling_of_a_prompt_longer_than_one_step(engine, hf):
     assert 4096 < len(prompt) < 8000
     (out,) = gen.generate([prompt], SamplingParams(n=1, temperature=1.0, max_new_tokens=2, seed=1))
     assert 1 <= len(out.response_ids) <= 2 and len(out.logprobs) == len(out.response_ids)
+
+
+@needs_vllm
+def test_failed_inplace_reload_falls_back_to_a_rebuild(engine, smol_path, contexts, greedy_hf,
+                                                       monkeypatch):
+    """Where the worker cannot reload in place, the engine restarts on the checkpoint folder
+    and says so. (Last in the module: it replaces the shared engine's LLM.)"""
+    gen, scorer = engine
+    ctx, resp = contexts[:1], [greedy_hf[0].response_ids]
+    before = scorer.score(ctx, resp, topk=1)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no in-place reload here")
+
+    monkeypatch.setattr(gen.engine.llm, "collective_rpc", refuse)
+    assert gen.update_weights(smol_path) == "rebuild"
+    after = scorer.score(ctx, resp, topk=1)
+    torch.testing.assert_close(after[0].sampled_logprob_R, before[0].sampled_logprob_R, atol=1e-4, rtol=0)

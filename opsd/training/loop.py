@@ -2,9 +2,13 @@
 
 Memory: the decoder runs once per micro-batch; the LM head and log-softmax run
 on the ``N`` response positions only, ``logit_chunk`` positions at a time under
-activation checkpointing, so at most one ``[chunk, V]`` float32 block of logits
-is alive in forward *and* backward — memory does not grow with batch × length ×
-vocabulary.
+activation checkpointing, so only one chunk's ``[chunk, V]`` float32 logits (and
+the temporaries of that chunk's loss) are alive in forward *and* backward —
+memory does not grow with batch × length × vocabulary. A live teacher's logits
+are computed the same way, chunk by chunk, from its stored hidden states.
+
+Each token's loss combines the configured divergence with the reward terms, with
+coefficients from :mod:`opsd.objectives.plan` (weighting, selection, routing).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from opsd.config import TrainConfig
 from opsd.objectives import divergences as D
+from opsd.objectives.plan import TokenStats, needs_stats, token_coefficients
 from opsd.training.batches import Batch, Example, collate, epoch_order
 
 
@@ -45,9 +50,13 @@ class StepStats:
     seconds: float
     div_min: float
     div_max: float
+    # objective-specific: distill_fraction, pg_fraction, selected_fraction, kl_weight, ...
+    extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        d = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        d.update(self.extra)
+        return d
 
 
 @dataclass
@@ -82,61 +91,244 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
     return opt, sched
 
 
-def _chunk_loss(objective: str, temperature: float, ratio_clip, lm_head):
-    """Loss of one chunk of response positions; returns (sum loss, stats...)."""
+class LiveTeacher:
+    """The teacher run during training (live-teacher objectives: ``jsd``, student-support top-k).
 
-    def fn(h_CH, token_C, teacher_C, behaviour_C, topk_ids_CK, topk_logp_CK, tail_C, weight_C):
-        logits_CV = lm_head(h_CH).float()
+    Per micro-batch its decoder reads ``teacher context + response`` for every sample (contexts
+    grouped and a shared privileged prefix encoded once, as in the teacher stage); its final
+    hidden states at the response positions are kept (``[N, H]``, small) and its LM head runs
+    chunk by chunk next to the student's, so at most one ``[chunk, V]`` float32 block of
+    teacher logits is alive. No gradient ever reaches the teacher.
+    """
+
+    def __init__(self, model: torch.nn.Module, batch_size: int = 32, share_prefix: bool = True):
+        from opsd.backends.hf import HFScorer
+
+        self.model = model
+        self.scorer = HFScorer(model, batch_size=batch_size, share_prefix=share_prefix)
+        self.lm_head = model.get_output_embeddings()
+
+    @torch.no_grad()
+    def hidden(self, batch: Batch) -> torch.Tensor:
+        contexts = [e.teacher_context_ids for e in batch.examples]
+        if any(c is None for c in contexts):
+            raise ValueError(
+                "a live-teacher objective needs the teacher's context ids (contexts.parquet in the "
+                "teacher artifact); rerun the teacher stage with this version of opsd"
+            )
+        hs = self.scorer._hidden(contexts, [e.response_ids for e in batch.examples], None)
+        return torch.cat(hs) if hs else torch.zeros((0, 0))
+
+
+def _teacher_logp(teacher_head, th_CH: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The live teacher's log-softmax on one chunk, built in place: one fp32 ``[C, V]`` block."""
+    with torch.no_grad():
+        logits_CV = teacher_head(th_CH).float()
         if temperature != 1.0:
-            logits_CV = logits_CV / temperature
-        logp_CV = logits_CV.log_softmax(-1)
-        if objective == "forward_kl_topk":
-            loss_C, div_C = D.forward_kl_topk(logp_CV, topk_ids_CK, topk_logp_CK, tail_C)
-        elif objective == "reverse_kl_sampled":
-            loss_C, div_C = D.reverse_kl_sampled(logp_CV, token_C, teacher_C, behaviour_C, ratio_clip)
-        else:  # validated by the config; a new objective must be wired here
-            raise ValueError(f"unknown objective {objective!r}")
-        ent_C = D.entropy(logp_CV)
-        return (loss_C * weight_C).sum(), div_C.detach(), ent_C
+            logits_CV.div_(temperature)
+        return logits_CV.sub_(logits_CV.logsumexp(-1, keepdim=True))
+
+
+def _student_logits(lm_head, h_CH: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The student's logits of one chunk as an fp32 block of its own (tempered in place)."""
+    z_CV = lm_head(h_CH).float()
+    if temperature != 1.0:
+        z_CV = z_CV.div_(temperature)
+    return z_CV
+
+
+def _student_topk_k(cfg: TrainConfig, topk_ids_CK: torch.Tensor) -> int:
+    return cfg.divergence.topk or int(topk_ids_CK.shape[-1])
+
+
+class StudentRows:
+    """The student's log-probs of one chunk, as much as the loss reads.
+
+    Every objective but ``jsd`` reads a few ids per token — the sampled token, the teacher's
+    cached top-k, the student's own top-k — so the rows are gathered by
+    :func:`opsd.objectives.divergences.gathered_log_softmax`, which keeps the fp32 logits
+    block as the only ``[C, V]`` tensor for the backward. ``jsd`` needs the full rows.
+    """
+
+    def __init__(self, z_CV, token_C, topk_ids_CK, student_ids_CK=None, full: bool = False,
+                 inplace: bool = True):
+        self.entropy_C = D.entropy_from_logits(z_CV)
+        self.student_ids_CK = student_ids_CK
+        self.full_CV = None
+        if full:
+            self.full_CV = D.log_softmax_rows(z_CV)
+            g = lambda ids: self.full_CV.gather(-1, ids.long())  # noqa: E731
+            self.token_C, self.topk_CK = g(token_C[:, None]).squeeze(-1), g(topk_ids_CK)
+            self.student_CK = g(student_ids_CK) if student_ids_CK is not None else None
+            return
+        parts = [token_C[:, None], topk_ids_CK] + ([student_ids_CK] if student_ids_CK is not None else [])
+        lp_CG, _ = D.gathered_log_softmax(z_CV, torch.cat([x.long() for x in parts], -1), inplace)
+        k = topk_ids_CK.shape[-1]
+        self.token_C, self.topk_CK = lp_CG[:, 0], lp_CG[:, 1 : 1 + k]
+        self.student_CK = lp_CG[:, 1 + k :] if student_ids_CK is not None else None
+
+
+def _student_rows(cfg: TrainConfig, z_CV, token_C, topk_ids_CK, main: bool, inplace: bool = True):
+    """Rows for a chunk whose loss includes the main divergence (``main``) or not."""
+    obj, d = cfg.objective, cfg.divergence
+    sids = None
+    if main and obj in ("forward_kl_topk", "reverse_kl_topk") and d.topk_support == "student":
+        sids = D.student_topk(z_CV, _student_topk_k(cfg, topk_ids_CK))  # same order as log-probs
+    return StudentRows(z_CV, token_C, topk_ids_CK, sids, full=main and obj == "jsd", inplace=inplace)
+
+
+def main_divergence(cfg: TrainConfig, rows: StudentRows, t_logp_CV, teacher_C, behaviour_C,
+                    topk_logp_CK, tail_C):
+    """``(loss_C, div_C)`` of ``cfg.objective`` on one chunk (see opsd.objectives.divergences)."""
+    d, obj = cfg.divergence, cfg.objective
+    if obj in ("forward_kl_topk", "reverse_kl_topk"):
+        if d.topk_support == "student":
+            s_CK, t_CK, tail = rows.student_CK, t_logp_CV.gather(-1, rows.student_ids_CK), None
+        else:
+            s_CK, t_CK, tail = rows.topk_CK, topk_logp_CK, tail_C
+        fn = D.forward_kl_topk_gathered if obj == "forward_kl_topk" else D.reverse_kl_topk_gathered
+        return fn(s_CK, t_CK, tail, tail=d.topk_tail, clip=d.clip, clip_mode=d.clip_mode)
+    if obj == "reverse_kl_sampled":
+        baseline_C = None
+        if cfg.advantage.baseline == "vopd":
+            # V_t = -KL(pS||pT) on the teacher's top-k + tail (detached)
+            baseline_C = -D.reverse_kl_topk_gathered(rows.topk_CK.detach(), topk_logp_CK, tail_C)[0]
+        return D.reverse_kl_sampled_gathered(rows.token_C, teacher_C, behaviour_C,
+                                             cfg.importance_ratio_clip,
+                                             reward_scale=cfg.advantage.reward_scale,
+                                             baseline_N=baseline_C, clip=d.clip)
+    if obj == "jsd":
+        return D.generalized_jsd(rows.full_CV, t_logp_CV, d.jsd_beta, clip=d.clip, clip_mode=d.clip_mode)
+    if obj == "nll":
+        return -rows.token_C, -rows.token_C.detach()
+    raise ValueError(f"objective {obj!r} has no divergence")  # 'none' never reaches here
+
+
+def _chunk_loss(cfg: TrainConfig, lm_head, teacher_head):
+    """Loss of one chunk of response positions: (sum of weighted token losses, div_C, entropy_C)."""
+    T = cfg.temperature
+    d = cfg.divergence
+
+    def fn(h_CH, th_CH, token_C, teacher_C, behaviour_C, topk_ids_CK, topk_logp_CK, tail_C,
+           distill_C, fkl_C, rkl_C, pg_C):
+        z_CV = _student_logits(lm_head, h_CH, T)
+        t_logp_CV = _teacher_logp(teacher_head, th_CH, T) if th_CH is not None else None
+        rows = _student_rows(cfg, z_CV, token_C, topk_ids_CK, main=distill_C is not None)
+        del z_CV  # owned by the rows (or freed once the full log-probs exist)
+        total = rows.token_C.new_zeros(())
+        if distill_C is not None:
+            loss_C, div_C = main_divergence(cfg, rows, t_logp_CV, teacher_C, behaviour_C,
+                                            topk_logp_CK, tail_C)
+            total = total + (loss_C * distill_C).sum()
+        else:
+            div_C = rows.token_C.detach() - teacher_C  # sampled k1 estimate, for logging
+        if fkl_C is not None:
+            loss_C, _ = D.forward_kl_topk_gathered(rows.topk_CK, topk_logp_CK, tail_C, tail=d.topk_tail)
+            total = total + (loss_C * fkl_C).sum()
+        if rkl_C is not None:
+            loss_C, _ = D.reverse_kl_topk_gathered(rows.topk_CK, topk_logp_CK, tail_C, tail=d.topk_tail)
+            total = total + (loss_C * rkl_C).sum()
+        if pg_C is not None:
+            if cfg.importance_ratio_clip is not None:
+                c = cfg.importance_ratio_clip
+                pg_C = pg_C * (rows.token_C.detach() - behaviour_C).exp().clamp(1.0 / c, c)
+            total = total - (pg_C * rows.token_C).sum()
+        return total, div_C.detach(), rows.entropy_C
 
     return fn
 
 
-def micro_batch_loss(model, batch: Batch, cfg: TrainConfig, loss_scale: float):
-    """Forward + backward of one micro-batch; returns detached per-token stats."""
+@torch.no_grad()
+def token_stats(cfg: TrainConfig, lm_head, teacher_head, h_NH, th_NH, batch: Batch) -> TokenStats:
+    """No-grad pass over the response positions: the current student's entropy and divergence
+    (and a live teacher's entropy), chunk by chunk — inputs of TIP selection and entropy weights."""
+    T = cfg.temperature
+    # TIP ranks by the divergence itself, not its clipped value.
+    unclipped = cfg.model_copy(update={"divergence": cfg.divergence.model_copy(update={"clip": None})})
+    sampled = cfg.objective in ("reverse_kl_sampled", "nll", "none")
+    ents, divs, tents = [], [], []
+    for s in range(0, batch.n_tokens, cfg.logit_chunk):
+        sl = slice(s, s + cfg.logit_chunk)
+        z_CV = _student_logits(lm_head, h_NH[sl], T)
+        t_logp_CV = _teacher_logp(teacher_head, th_NH[sl], T) if th_NH is not None else None
+        ids_CK, t_CK, tail_C = batch.topk_ids_NK[sl], batch.topk_logp_NK[sl], batch.tail_N[sl]
+        rows = _student_rows(unclipped, z_CV, batch.token_N[sl], ids_CK, main=not sampled, inplace=False)
+        if sampled:
+            # per-token value of the reverse KL on the teacher's top-k + tail (k1 is only unbiased
+            # in expectation, a poor ranking signal)
+            div_C = D.reverse_kl_topk_gathered(rows.topk_CK, t_CK, tail_C)[0]
+        else:
+            div_C = main_divergence(unclipped, rows, t_logp_CV, batch.teacher_logp_N[sl],
+                                    batch.behaviour_logp_N[sl], t_CK, tail_C)[1]
+        ents.append(rows.entropy_C)
+        divs.append(div_C.float())
+        if t_logp_CV is not None:
+            tents.append(D.entropy(t_logp_CV))
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0)  # noqa: E731
+    return TokenStats(cat(ents), cat(divs), cat(tents) if th_NH is not None else None)
+
+
+def micro_batch_loss(model, batch: Batch, cfg: TrainConfig, loss_scale: float, *,
+                     teacher: LiveTeacher | None = None, progress: float = 0.0):
+    """Forward + backward of one micro-batch; returns (loss sum, div_N, entropy_N, info)."""
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
+    th_NH, teacher_head = None, None
+    if cfg.live_teacher:
+        if teacher is None:
+            raise ValueError(f"objective {cfg.objective!r} (topk_support="
+                             f"{cfg.divergence.topk_support}) needs a live teacher model")
+        th_NH, teacher_head = teacher.hidden(batch), teacher.lm_head
     use_bf16 = cfg.autocast == "bfloat16"
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
         hidden_BLH = decoder(input_ids=batch.input_ids_BL, use_cache=False).last_hidden_state
         h_NH = hidden_BLH[batch.row_idx_N, batch.pos_idx_N]
-        fn = _chunk_loss(cfg.objective, cfg.temperature, cfg.importance_ratio_clip, lm_head)
-        weight_N = torch.ones(batch.n_tokens)
+        stats = None
+        if needs_stats(cfg):
+            stats = token_stats(cfg, lm_head, teacher_head, h_NH.detach(), th_NH, batch)
+        coef = token_coefficients(batch, cfg, stats, progress)
+        fn = _chunk_loss(cfg, lm_head, teacher_head)
         total = torch.zeros(())
         divs, ents = [], []
+
+        def part(x, sl):
+            return None if x is None else x[sl]
+
         for s in range(0, batch.n_tokens, cfg.logit_chunk):
             sl = slice(s, s + cfg.logit_chunk)
             args = (
-                h_NH[sl], batch.token_N[sl], batch.teacher_logp_N[sl], batch.behaviour_logp_N[sl],
-                batch.topk_ids_NK[sl], batch.topk_logp_NK[sl], batch.tail_N[sl], weight_N[sl],
+                h_NH[sl], part(th_NH, sl), batch.token_N[sl], batch.teacher_logp_N[sl],
+                batch.behaviour_logp_N[sl], batch.topk_ids_NK[sl], batch.topk_logp_NK[sl],
+                batch.tail_N[sl], part(coef.distill_N, sl), part(coef.fkl_N, sl),
+                part(coef.rkl_N, sl), part(coef.pg_N, sl),
             )
             # Recompute the chunk's logits in backward instead of keeping them.
             loss_sum, div_C, ent_C = checkpoint(fn, *args, use_reentrant=False)
             total = total + loss_sum
             divs.append(div_C)
             ents.append(ent_C)
-    (total * loss_scale).backward()
-    return total.detach(), torch.cat(divs), torch.cat(ents)
+    if total.requires_grad:
+        (total * loss_scale).backward()
+    return total.detach(), torch.cat(divs), torch.cat(ents), coef.info
 
 
 class Trainer:
-    """Runs optimiser steps over examples; resumable from (weights, optimiser, TrainState)."""
+    """Runs optimiser steps over examples; resumable from (weights, optimiser, TrainState).
 
-    def __init__(self, model, cfg: TrainConfig, pad_id: int, total_steps: int):
+    ``teacher_model``: the teacher for live-teacher objectives (``train.live_teacher``); its
+    examples must carry ``teacher_context_ids``.
+    """
+
+    def __init__(self, model, cfg: TrainConfig, pad_id: int, total_steps: int,
+                 teacher_model: torch.nn.Module | None = None, teacher_batch_size: int = 32,
+                 share_prefix: bool = True):
         self.model = model
         self.cfg = cfg
         self.pad_id = pad_id
+        self.total_steps = max(1, total_steps)
         self.opt, self.sched = make_optimizer(model, cfg, total_steps)
         self.state = TrainState()
+        self.teacher = (LiveTeacher(teacher_model, teacher_batch_size, share_prefix)
+                        if teacher_model is not None else None)
 
     def step(self, examples: list[Example], epoch: int = 0) -> StepStats:
         cfg = self.cfg
@@ -144,14 +336,19 @@ class Trainer:
         self.model.train()
         n_tokens = sum(len(e.response_ids) for e in examples)
         sample_ids = [e.sample_id for e in examples]
+        progress = self.state.step / self.total_steps
         losses, divs, ents = [], [], []
+        info_sum: dict[str, float] = {}
         for s in range(0, len(examples), cfg.micro_batch_size):
             mb = collate(examples[s : s + cfg.micro_batch_size], self.pad_id)
             # Token-mean over the whole optimiser batch, however it is split.
-            loss, div, ent = micro_batch_loss(self.model, mb, cfg, 1.0 / max(1, n_tokens))
+            loss, div, ent, info = micro_batch_loss(self.model, mb, cfg, 1.0 / max(1, n_tokens),
+                                                    teacher=self.teacher, progress=progress)
             losses.append(loss)
             divs.append(div)
             ents.append(ent)
+            for k, v in info.items():  # token-weighted average over micro-batches
+                info_sum[k] = info_sum.get(k, 0.0) + v * mb.n_tokens
         loss = float(sum(losses)) / max(1, n_tokens)
         div = torch.cat(divs)
         if not math.isfinite(loss):
@@ -178,6 +375,7 @@ class Trainer:
             tokens=n_tokens, tokens_per_s=n_tokens / dt if dt > 0 else 0.0, seconds=dt,
             div_min=float(div.min()) if div.numel() else 0.0,
             div_max=float(div.max()) if div.numel() else 0.0,
+            extra={k: v / max(1, n_tokens) for k, v in info_sum.items()},
         )
         self.state.history.append(stats.as_dict())
         return stats

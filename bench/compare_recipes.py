@@ -1,0 +1,171 @@
+"""Run every recipe in configs/ end to end on the quickstart task and compare them.
+
+    python -m bench.compare_recipes --root /path/to/opsd-home            # all recipes
+    python -m bench.compare_recipes --recipes quickstart srpo --set train.epochs=1
+
+All runs share one storage root, so the upstream stages (dataset, base and teacher
+evaluations, rollouts, teacher targets, retention base replies) are computed by the first
+recipe that needs them and reused by the others — content keys decide, not this script.
+Recipes run one after another in this process (the offline Prefect flow); a failing recipe
+is recorded and the next one runs.
+
+For each recipe: held-out greedy compliance (verifier pass rate, macro over tasks) of the
+student before and after training and of the teacher with its privileged context, per-task
+compliance after training, retention (mean log-likelihood delta and greedy exact match of the
+base model's replies to rule-free prompts), wall time of the run (the first run pays for the
+shared stages), train-stage seconds and response tokens trained. Prints a table, writes JSON
+(``bench/results/recipes.json``) and rewrites the results section of ``docs/recipes.md``
+between its markers (``--no-docs`` to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RECIPES = ["quickstart", "lightning-opd", "opsd", "pw-opsd", "tip", "srpo", "scope", "exopd",
+           "vopd", "trace", "grpo", "sft"]
+BEGIN, END = "<!-- recipes:results:begin -->", "<!-- recipes:results:end -->"
+
+
+def run_recipe(name: str, root: str, overrides: list[str]) -> dict:
+    from flows.offline import offline_flow
+    from opsd.config import load_config
+    from opsd.pipeline import new_run_id
+    from storage.catalog import Catalog
+    from storage.layout import Layout
+
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml", overrides)
+    run_id = f"{new_run_id()}-{name}"
+    t0 = time.perf_counter()
+    metrics = offline_flow(config=cfg.model_dump(mode="json"), root=root, run_id=run_id,
+                           show_progress=False)
+    wall = time.perf_counter() - t0
+    layout = Layout.at(root)
+    cat = Catalog(layout.catalog, layout.artifacts)
+    stages = cat.stages(run_id)
+    train = next((s for s in stages if s["label"] == "train"), None)
+    man = (cat.artifact(train["key"]) or {}).get("manifest", {}) if train else {}
+    after = {k.rsplit(".", 1)[-1]: v for k, v in metrics.items() if k.startswith("eval.after.greedy.")}
+    return {
+        "recipe": name, "run_id": run_id, "objective": cfg.train.objective,
+        "before": metrics.get("eval.before.greedy"), "after": metrics.get("eval.after.greedy"),
+        "teacher": metrics.get("eval.teacher.greedy"), "after_by_task": after,
+        "retention_logprob_delta": metrics.get("retention.logprob_delta"),
+        "retention_exact_match": metrics.get("retention.exact_match"),
+        "wall_s": wall, "pipeline_wall_s": metrics.get("wall_seconds"),
+        "stages_run": [s["label"] for s in stages if not s["cached"]],
+        "train_s": man.get("seconds"), "tokens_trained": man.get("tokens_trained"),
+        "steps": man.get("steps"), "final_loss": man.get("final_loss"),
+        "train_means": man.get("means", {}), "passed_fraction": man.get("passed_fraction"),
+    }
+
+
+def _pct(v) -> str:
+    return f"{v * 100:.1f}%" if isinstance(v, (int, float)) else "-"
+
+
+def _num(v, fmt="{:.0f}") -> str:
+    return fmt.format(v) if isinstance(v, (int, float)) else "-"
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    tasks = sorted({t for r in results for t in r.get("after_by_task", {})})
+    lines = [
+        f"Measured {meta['date']} on {meta['machine']} ({meta['cpus']} CPU cores, torch "
+        f"{meta.get('torch', '?')}); command: `{meta['command']}`.",
+        "",
+        "| recipe | before | after | teacher (PI) | retention Δ log-lik | retention exact | "
+        "wall s | train s | tokens trained |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['recipe']} | failed: {r['error'].splitlines()[-1][:80]} | | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['recipe']} | {_pct(r['before'])} | **{_pct(r['after'])}** | {_pct(r['teacher'])} | "
+            f"{_num(r['retention_logprob_delta'], '{:+.3f}')} | {_pct(r['retention_exact_match'])} | "
+            f"{_num(r['wall_s'])} | {_num(r['train_s'])} | {_num(r['tokens_trained'])} |")
+    if tasks:
+        lines += ["", "Held-out greedy compliance after training, per rule:", "",
+                  "| recipe | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for r in results:
+            if "error" not in r:
+                lines.append(f"| {r['recipe']} | " + " | ".join(_pct(r["after_by_task"].get(t))
+                                                             for t in tasks) + " |")
+    lines += ["", "`before`/`after`: the student without privileged context (macro over the four "
+              "rules, 128 held-out questions, greedy); `teacher (PI)`: the same base model with the "
+              "demonstrations in context. Retention: the trained student's mean per-token "
+              "log-likelihood of the base model's greedy replies to 32 rule-free questions minus "
+              "the base model's own, and the share of those questions where its greedy reply is "
+              "token-identical. `wall s` is the whole run, including any shared stage it was the "
+              "first to compute (see `stages_run` in the JSON)."]
+    return "\n".join(lines)
+
+
+def write_docs(text: str, path: Path) -> None:
+    doc = path.read_text() if path.exists() else ""
+    block = f"{BEGIN}\n{text}\n{END}"
+    if BEGIN in doc and END in doc:
+        doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
+    else:
+        doc = doc.rstrip() + "\n\n## Comparison on the quickstart task\n\n" + block + "\n"
+    path.write_text(doc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=os.environ.get("OPSD_HOME", "opsd-home"), help="storage root")
+    ap.add_argument("--recipes", nargs="*", default=RECIPES)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for every recipe")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "recipes.json"))
+    ap.add_argument("--docs", default=str(ROOT / "docs" / "recipes.md"))
+    ap.add_argument("--no-docs", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    meta = {"date": datetime.now().strftime("%Y-%m-%d"), "machine": f"{platform.system()} {platform.machine()}",
+            "cpus": os.cpu_count(), "torch": torch.__version__, "root": str(Path(args.root).resolve()),
+            "command": " ".join(["python -m bench.compare_recipes"] + [
+                a for a in sys.argv[1:] if not a.startswith("--root") and a != args.root])}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in args.recipes:
+        t0 = time.perf_counter()
+        try:
+            # every recipe enables retention; the quickstart does not, so switch it on for all
+            res = run_recipe(name, args.root, ["retention.enabled=true", *args.overrides])
+        except Exception as err:  # keep going: one broken recipe must not hide the others
+            res = {"recipe": name, "error": f"{type(err).__name__}: {err}\n{traceback.format_exc()[-3000:]}",
+                   "wall_s": time.perf_counter() - t0}
+        results.append(res)
+        out.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+        print(f"[compare] {name}: " + (f"after {_pct(res.get('after'))} (before {_pct(res.get('before'))}), "
+                                      f"retention {_num(res.get('retention_logprob_delta'), '{:+.3f}')}, "
+                                      f"wall {_num(res.get('wall_s'))}s" if "error" not in res
+                                      else "FAILED " + res["error"].splitlines()[0]), flush=True)
+    table = markdown(results, meta)
+    print("\n" + table)
+    if not args.no_docs:
+        write_docs(table, Path(args.docs))
+        print(f"\nwrote {args.docs}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Retention: the base model's own greedy replies to rule-free prompts as the reference."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from opsd.config import RetentionConfig
+from opsd.pool import ModelPool, Policy, base_policy
+from stages import retention as retention_stage
+from stages.common import Artifact, StageContext
+
+
+def _ctx(path: Path, pool: ModelPool) -> StageContext:
+    path.mkdir(parents=True, exist_ok=True)
+    return StageContext(out_dir=path, pool=pool, show_progress=False)
+
+
+def test_builtin_prompts_are_neutral_and_distinct():
+    from opsd.data.suites.behaviours import RULES
+
+    assert len(retention_stage.GENERAL_PROMPTS) == 32
+    assert len(set(retention_stage.GENERAL_PROMPTS)) == 32
+    taught = {q for rule in RULES.values() for q, _ in rule.items}
+    assert not taught & set(retention_stage.GENERAL_PROMPTS)
+
+
+def test_base_model_retains_itself_and_a_changed_model_does_not(tiny_model_dir, tmp_path):
+    pool = ModelPool()
+    base = base_policy(Path(tiny_model_dir))
+    cfg = RetentionConfig(enabled=True, prompts=6, max_new_tokens=8)
+    man_b = retention_stage.base_run(cfg, base, _ctx(tmp_path / "base", pool))
+    base_art = Artifact("b", tmp_path / "base", man_b)
+    same = retention_stage.run(cfg, base_art, base, _ctx(tmp_path / "same", pool))
+    assert same["exact_match"] == 1.0 and same["prefix_match"] == 1.0
+    assert same["logprob"] == pytest.approx(man_b["base_logprob"], abs=1e-6)
+    assert same["logprob_delta"] == pytest.approx(0.0, abs=1e-6)
+
+    # a perturbed copy: its greedy replies drift and it finds the base replies less likely
+    changed = copy.deepcopy(pool.master(base))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in changed.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    other = Policy("model-perturbed", base.path, "perturbed")
+    pool.adopt(other, changed)
+    moved = retention_stage.run(cfg, base_art, other, _ctx(tmp_path / "moved", pool))
+    assert abs(moved["logprob_delta"]) > 1e-3
+    assert moved["exact_match"] < 1.0
+    # brute force: one full forward per reply, log-softmax over the whole sequence
+    from storage.parquet import read_table
+
+    t = read_table(tmp_path / "base" / retention_stage.REPLIES_FILE).to_pydict()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for p_ids, r_ids in zip(t["prompt_ids"], t["response_ids"]):
+            ids = torch.tensor([list(p_ids) + list(r_ids)])
+            logp = changed(input_ids=ids).logits[0].log_softmax(-1)
+            pos = torch.arange(len(p_ids) - 1, len(p_ids) - 1 + len(r_ids))
+            total += float(logp[pos, torch.tensor(r_ids)].sum())
+            n += len(r_ids)
+    assert moved["logprob"] == pytest.approx(total / n, abs=1e-4)
+    per = json.loads((tmp_path / "moved" / "per_prompt.json").read_text())
+    assert len(per) == 6 and {"prompt", "exact", "logprob", "base_logprob", "reply"} <= set(per[0])
+    head = retention_stage.headline(Artifact("m", tmp_path / "moved", moved))
+    assert set(head) == {f"retention.{k}" for k in retention_stage.METRICS}
+
+
+def test_offline_flow_with_retention_and_a_live_teacher(tiny_model_dir, tmp_path):
+    """The offline flow wires retention after evaluate/after and passes the teacher to a
+    live-teacher objective; a rerun reuses everything, retention's base replies included."""
+    from flows.offline import offline_flow
+    from storage.catalog import Catalog
+    from storage.layout import Layout
+    from tests.test_pipeline_offline import tiny_config, write_dataset
+
+    data = write_dataset(tmp_path / "data.jsonl")
+    cfg = tiny_config(tiny_model_dir, data)
+    cfg["train"] = {**cfg["train"], "objective": "jsd", "divergence": {"jsd_beta": 0.5}, "epochs": 1}
+    cfg["retention"] = {"enabled": True, "prompts": 4, "max_new_tokens": 6}
+    cfg["eval"] = {"max_new_tokens": 6}
+    root = tmp_path / "home"
+    m = offline_flow(config=cfg, root=str(root), show_progress=False)
+    for k in ("retention.logprob_delta", "retention.exact_match", "retention.logprob",
+              "retention.base_logprob", "eval.after.greedy"):
+        assert k in m, k
+    layout = Layout.at(root)
+    cat = Catalog(layout.catalog, layout.artifacts)
+    run = cat.runs()[-1]
+    labels = [s["label"] for s in cat.stages(run["run_id"])]
+    assert labels[-3:] == ["evaluate/after", "retention/base", "retention"]
+    assert "retention.exact_match" in run["metrics"]
+    _, rows = cat.query("SELECT manifest_json FROM artifacts WHERE stage = 'train'")
+    man = json.loads(rows[0][0]) if isinstance(rows[0][0], str) else rows[0][0]
+    assert man["live_teacher"] is True and man["objective"] == "jsd"
+    m2 = offline_flow(config=cfg, root=str(root), show_progress=False)
+    assert m2["stages_run"] == 0
+    assert m2["retention.exact_match"] == m["retention.exact_match"]
