@@ -136,6 +136,7 @@ def online_flow(
     force = list(force or [])
     rows = dataset_stage.load(cfg.data)
     student, teacher = steps.resolve_policies(cfg)
+    steps.preflight(cfg, rows, student, teacher)
     p = Pipeline(cfg, root, run_id, parent_run_id=parent_run_id, show_progress=show_progress,
                  logger=logger.info)
     p.start(prefect_flow_run_id=str(flow_run.get_id() or ""))

@@ -57,6 +57,29 @@ def resolve_policies(cfg: PipelineConfig) -> tuple[Policy, Policy]:
     return student, teacher
 
 
+def preflight(cfg: PipelineConfig, rows: list[Row], student: Policy, teacher: Policy) -> None:
+    """Checks that need only tokenizers and configs, before anything runs or is written:
+    chat templates exist and every prompt (student, and teacher with its static privileged
+    context) plus the longest reply fits the model's context window."""
+    from transformers import AutoConfig
+
+    from opsd.context.render import build_context, check_length, student_ids, student_turn_ids
+    from opsd.context.render import teacher_ids
+    from opsd.models import load_tokenizer
+
+    for policy, who in ((student, "student"), (teacher, "teacher")):
+        tok = load_tokenizer(policy.path)
+        limit = getattr(AutoConfig.from_pretrained(policy.path), "max_position_embeddings", None)
+        reply = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+        for row in rows:
+            if who == "student":
+                ids = student_ids(tok, row)
+            else:
+                ctx = build_context(row, cfg.teacher.context)
+                ids = teacher_ids(tok, row, ctx, student_turn_ids(tok, row))
+            check_length(row.id, len(ids) + reply, limit, f"{who} prompt + max_new_tokens")
+
+
 def dataset_step(p: Pipeline, rows: list[Row], *, force=False, require_cached=False) -> Artifact:
     from opsd.data import rows_to_table
     import hashlib
