@@ -109,7 +109,8 @@ def checkpoint_task(p: Pipeline, loop: OnlineLoop, chain: list) -> Policy:
         train_stage.save_checkpoint(res.master, p.pool.tokenizer(loop.base), ctx.out_dir / "model")
         return {"iterations": len(chain), "steps": res.trainer.state.step}
 
-    art = p.stage("checkpoint", "checkpoint", {}, {"train": final_key}, run)
+    art = p.stage("checkpoint", "checkpoint", {}, {"train": final_key}, run,
+                  after=lambda a, stage_run: steps.log_model(p, a, stage_run))
     policy = Policy(art.key, art.path / "model", "trained")
     if loop.res is not None and loop.res.state_key == final_key:
         p.pool.adopt(policy, loop.res.master)  # evaluate without reloading

@@ -241,7 +241,8 @@ def ui(
         typer.secho(f"warning: binding {host} exposes runs to the network", fg="yellow", err=True)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
            tracking_uri(layout.mlflow_db), "--default-artifact-root",
-           layout.mlflow_artifacts.resolve().as_uri(), "--host", host, "--port", str(port)]
+           layout.mlflow_artifacts.resolve().as_uri(), "--host", host, "--port", str(port),
+           "--workers", "1"]
     typer.echo(f"MLflow UI: http://{host}:{port}  (Ctrl-C to stop)")
     raise typer.Exit(subprocess.call(cmd))
 

@@ -494,6 +494,14 @@ class OnlineConfig(_Strict):
     seed: int = Field(0, description="Seed of the prompt order across iterations.")
 
 
+class TrackingConfig(_Strict):
+    log_model: bool = Field(
+        True,
+        description="Log each freshly trained checkpoint as an MLflow `transformers` model "
+        "(weights copied into the MLflow artifact store, loadable with mlflow.transformers).",
+    )
+
+
 class PipelineConfig(_Strict):
     name: str = Field("opsd", description="Recipe name, shown in MLflow and the catalog.")
     mode: Literal["offline", "online"] = Field(
@@ -507,6 +515,7 @@ class PipelineConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     online: OnlineConfig = Field(default_factory=OnlineConfig)
     summarise: SummariseConfig = Field(default_factory=SummariseConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
     @field_validator("name")

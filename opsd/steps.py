@@ -212,6 +212,7 @@ def train_step(p: Pipeline, rollouts: Artifact, targets: Artifact, init: Policy,
 
     def after(art: Artifact, stage_run):
         log_training_curves(p, art, stage_run)
+        log_model(p, art, stage_run)
 
     art = p.stage(
         label, "train", cfg, inputs,
@@ -227,6 +228,16 @@ def train_step(p: Pipeline, rollouts: Artifact, targets: Artifact, init: Policy,
     if model is not None and art.key not in p.pool.masters:
         p.pool.adopt(trained, model)
     return art, trained
+
+
+def log_model(p: Pipeline, art: Artifact, stage_run: str | None, folder: str = "model") -> None:
+    """Log a freshly trained checkpoint to MLflow; a reused one points at where it was logged."""
+    if not (p.tracker and stage_run and p.cfg.tracking.log_model and (art.path / folder).exists()):
+        return
+    if art.manifest.get("run_id") == p.run_id:
+        p.tracker.log_transformers_model(stage_run, art.path / folder)
+    else:
+        p.tracker.set_tags(stage_run, {"opsd.model_from_run": str(art.manifest.get("run_id"))})
 
 
 def evaluate_step(p: Pipeline, rows: list[Row], data: Artifact, policy: Policy, *, label: str,

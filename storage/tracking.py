@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import re
+import shutil
 from contextlib import contextmanager
 import os
 import tempfile
@@ -112,7 +113,9 @@ class Tracker:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 self.experiment_id = self.client.create_experiment(
-                    experiment, artifact_location=Path(artifact_root).resolve().as_uri()
+                    experiment, artifact_location=Path(artifact_root).resolve().as_uri(),
+                    # open on the runs table (not MLflow 3's GenAI overview)
+                    tags={"mlflow.experimentKind": "custom_model_development"},
                 )
             else:
                 self.experiment_id = exp.experiment_id
@@ -188,6 +191,29 @@ class Tracker:
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def log_transformers_model(self, run_id: str, model_dir: Path, artifact_path: str = "model") -> str:
+        """Log an HF checkpoint folder as an MLflow `transformers` model; returns its URI.
+
+        The weights are saved into the artifact store (not a hub reference), so
+        ``mlflow.transformers.load_model(uri)`` works offline.
+        """
+        import mlflow.transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        tmp = scratch_dir() / artifact_path
+        logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)  # no hub model card
+        mlflow.transformers.save_model(
+            transformers_model={"model": model, "tokenizer": tok}, path=str(tmp),
+            task="text-generation", pip_requirements=["transformers", "torch"],
+        )
+        self.client.log_artifacts(run_id, str(tmp), artifact_path)
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+        uri = f"runs:/{run_id}/{artifact_path}"
+        self.set_tags(run_id, {"opsd.model_uri": uri})
+        return uri
 
     def log_dir(self, run_id: str, folder: Path, artifact_path: str) -> None:
         self.client.log_artifacts(run_id, str(folder), artifact_path)

@@ -127,6 +127,13 @@ def test_mlflow_parent_and_nested_stage_runs(pipeline_run):
     assert "plots/training_curves.png" in arts
     parent_arts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/compliance.png", "plots/position_gap.png"} <= parent_arts
+    # the trained checkpoint is an MLflow transformers model with its own weights
+    import mlflow.transformers
+
+    uri = train.data.tags["opsd.model_uri"]
+    mlflow.set_tracking_uri(tracking_uri(Layout.at(pipeline_run["root"]).mlflow_db))
+    pipe = mlflow.transformers.load_model(uri)
+    assert pipe.model.config.num_hidden_layers == 2
 
 
 def test_rerun_reuses_every_stage(pipeline_run):
