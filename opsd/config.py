@@ -416,6 +416,16 @@ class TrainConfig(_Strict):
         50, ge=0, description="Save a resume point (weights, optimizer, RNG) every N steps so a "
         "killed train stage continues where it stopped (0: never)."
     )
+    world_size: int = Field(
+        1, ge=1, le=1024,
+        description="Data-parallel processes for offline training. > 1 launches the train stage "
+        "with torchrun on this machine: every optimiser batch is split across the ranks and the "
+        "gradients are all-reduced (torch.distributed), so the update equals one process's.",
+    )
+    dist_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend when world_size > 1 (auto: nccl with CUDA, "
+        "else gloo)."
+    )
 
     @property
     def live_teacher(self) -> bool:
@@ -537,6 +547,15 @@ class PipelineConfig(_Strict):
                 "train.batch_size must be a multiple of train.micro_batch_size "
                 f"(got {self.train.batch_size} and {self.train.micro_batch_size})"
             )
+        if self.train.world_size > 1:
+            if self.train.batch_size < self.train.world_size:
+                raise ValueError(f"train.batch_size ({self.train.batch_size}) must be >= "
+                                 f"train.world_size ({self.train.world_size}): every rank needs a share")
+            if self.mode == "online":
+                raise ValueError("train.world_size > 1 is for offline training; online mode keeps "
+                                 "one resident model (set train.world_size: 1)")
+            if self.train.trace.enabled:
+                raise ValueError("train.trace with train.world_size > 1 is not supported yet")
         if self.rollout.guidance.enabled and self.rollout.backend != "hf":
             raise ValueError("rollout.guidance needs rollout.backend=hf (lockstep decoding)")
         if self.teacher.kind == "external" and self.teacher.model is None:

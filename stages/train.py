@@ -171,19 +171,79 @@ def run(
     """Offline training: ``cfg.epochs`` passes; writes ``model/`` and ``metrics.parquet``.
 
     ``teacher`` (and its dtype) is needed by live-teacher objectives, ``rows`` by TRACE spans.
+    With ``cfg.world_size > 1`` the same loop runs data-parallel under torchrun
+    (:mod:`opsd.training.distributed`) and this process waits for it.
     """
-    import torch
-
-    tokenizer = ctx.pool.tokenizer(init)
-    examples = load_examples(rollouts, targets, cfg, rows=rows, tokenizer=tokenizer)
-    if not examples:
-        raise TargetMismatch(f"no trainable examples in {rollouts.path}")
     if rollout_temperature not in (None, 0.0) and rollout_temperature != cfg.temperature:
         log.warning("train.temperature=%s differs from rollout.temperature=%s "
                     "(allow_temperature_mismatch)", cfg.temperature, rollout_temperature)
     if cfg.temperature != 1.0 and not cfg.live_teacher and cfg.objective != "nll":
         log.warning("train.temperature=%s: the cached teacher targets are temperature-1 log-probs; "
                     "only the student's logits are tempered", cfg.temperature)
+    if cfg.world_size > 1:
+        from opsd.training import distributed
+
+        pol = lambda p: {"key": p.key, "path": str(p.path), "label": p.label} if p else None  # noqa: E731
+        spec = {
+            "train": cfg.model_dump(mode="json"),
+            "rollouts": {"key": rollouts.key, "path": str(rollouts.path)},
+            "targets": {"key": targets.key, "path": str(targets.path)},
+            "init": pol(init), "teacher": pol(teacher) if cfg.live_teacher else None,
+            "teacher_dtype": teacher_dtype, "teacher_batch_size": teacher_batch_size,
+            "out_dir": str(ctx.out_dir), "show_progress": ctx.show_progress,
+        }
+        distributed.launch(spec, ctx.out_dir, cfg.world_size)
+        history = read_table(ctx.out_dir / "metrics.parquet").to_pylist()
+        if ctx.on_metrics:  # the ranks could not reach MLflow live: replay their curve
+            for h in history:
+                ctx.on_metrics({k: v for k, v in h.items() if k != "step" and v is not None}, h["step"])
+        done = json.loads((ctx.out_dir / "train_summary.json").read_text())
+        (ctx.out_dir / "train_summary.json").unlink()
+        (ctx.out_dir / "dist_spec.json").unlink()
+    else:
+        done = train_local(cfg, rollouts, targets, init, ctx, teacher=teacher,
+                           teacher_dtype=teacher_dtype, teacher_batch_size=teacher_batch_size,
+                           rows=rows)
+        history = done.pop("history")
+    tokens = sum(h["tokens"] for h in history)
+    seconds = done["seconds"]
+    return {
+        "steps": len(history),
+        "epochs": cfg.epochs,
+        "examples": done["examples"],
+        "tokens_trained": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else None,
+        "final_loss": history[-1]["loss"],
+        "final_kl": history[-1]["kl"],
+        "objective": cfg.objective,
+        "temperature": cfg.temperature,
+        "rollout_temperature": rollout_temperature,
+        "live_teacher": cfg.live_teacher,
+        "world_size": cfg.world_size,
+        "passed_fraction": done["passed_fraction"],
+        "means": {k: float(np.mean([h[k] for h in history if h.get(k) is not None]))
+                  for k in ("distill_fraction", "pg_fraction", "selected_fraction", "kl_weight",
+                            "key_fraction", "error_fraction")
+                  if any(h.get(k) is not None for h in history)},
+    }
+
+
+def train_local(cfg: TrainConfig, rollouts: Artifact, targets: Artifact, init: Policy,
+                ctx: StageContext, *, teacher: Policy | None = None,
+                teacher_dtype: str = "bfloat16", teacher_batch_size: int = 32,
+                rows: list | None = None, dist=None) -> dict:
+    """The training loop of this process (the only one, or one rank of ``dist``).
+
+    Only the main process writes: resume points, ``model/``, ``metrics.parquet``.
+    """
+    import torch
+
+    main = dist is None or dist.is_main
+    tokenizer = ctx.pool.tokenizer(init)
+    examples = load_examples(rollouts, targets, cfg, rows=rows, tokenizer=tokenizer)
+    if not examples:
+        raise TargetMismatch(f"no trainable examples in {rollouts.path}")
     torch.manual_seed(cfg.seed)
     model = ctx.pool.master(init)
     # Train a private copy: the pool's master of the initial policy stays the frozen
@@ -196,7 +256,7 @@ def run(
         teacher_model = ctx.pool.inference(teacher, teacher_dtype)
     plan = plan_batches(len(examples), cfg)
     trainer = Trainer(model, cfg, tokenizer.pad_token_id, total_steps=len(plan),
-                      teacher_model=teacher_model, teacher_batch_size=teacher_batch_size)
+                      teacher_model=teacher_model, teacher_batch_size=teacher_batch_size, dist=dist)
     history: list[dict] = []
     resume_dir = ctx.out_dir / "resume"
     start = 0
@@ -213,46 +273,37 @@ def run(
             epoch, idx = plan[i]
             stats = trainer.step([examples[j] for j in idx], epoch)
             history.append(stats.as_dict())
-            if ctx.on_metrics:
+            if ctx.on_metrics and main:
                 ctx.on_metrics({k: v for k, v in stats.as_dict().items() if k != "step"}, stats.step)
             bar.set_postfix(loss=f"{stats.loss:.4f}", kl=f"{stats.kl:.3f}", tok_s=f"{stats.tokens_per_s:.0f}")
             bar.update(1)
             if cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < len(plan):
-                save_resume_point(resume_dir, model, trainer.opt, trainer.sched,
-                                  {"step": i + 1, "history": history})
+                if main:
+                    save_resume_point(resume_dir, model, trainer.opt, trainer.sched,
+                                      {"step": i + 1, "history": history})
+                if dist:
+                    dist.barrier()  # no rank runs ahead of a resume point being written
     except NumericalError as err:
-        (ctx.out_dir / "nonfinite_batch.json").write_text(
-            json.dumps({"step": err.step, "sample_ids": err.sample_ids, "error": str(err)}, indent=2)
-        )
+        if main:
+            (ctx.out_dir / "nonfinite_batch.json").write_text(
+                json.dumps({"step": err.step, "sample_ids": err.sample_ids, "error": str(err)}, indent=2)
+            )
         raise
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
     model.eval()
-    save_checkpoint(model, tokenizer, ctx.out_dir / "model")
-    shutil.rmtree(resume_dir, ignore_errors=True)  # the artifact is the final model, not the resume point
-    write_history(history, ctx.out_dir / "metrics.parquet")
-    ctx.extras["trained_model"] = model
-    tokens = sum(h["tokens"] for h in history)
     passed = [e.passed for e in examples if e.passed is not None]
-    return {
-        "steps": len(history),
-        "epochs": cfg.epochs,
-        "examples": len(examples),
-        "tokens_trained": tokens,
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds if seconds > 0 else None,
-        "final_loss": history[-1]["loss"],
-        "final_kl": history[-1]["kl"],
-        "objective": cfg.objective,
-        "temperature": cfg.temperature,
-        "rollout_temperature": rollout_temperature,
-        "live_teacher": cfg.live_teacher,
-        "passed_fraction": sum(passed) / len(passed) if passed else None,
-        "means": {k: float(np.mean([h[k] for h in history if k in h]))
-                  for k in ("distill_fraction", "pg_fraction", "selected_fraction", "kl_weight",
-                            "key_fraction", "error_fraction") if any(k in h for h in history)},
-    }
+    summary = {"seconds": seconds, "examples": len(examples),
+               "passed_fraction": sum(passed) / len(passed) if passed else None}
+    if main:
+        save_checkpoint(model, tokenizer, ctx.out_dir / "model")
+        shutil.rmtree(resume_dir, ignore_errors=True)  # the artifact is the final model
+        write_history(history, ctx.out_dir / "metrics.parquet")
+        if dist is not None:
+            (ctx.out_dir / "train_summary.json").write_text(json.dumps(summary))
+    ctx.extras["trained_model"] = model
+    return {**summary, "history": history}
 
 
 def write_history(history: list[dict], path: Path) -> None:

@@ -161,6 +161,22 @@ def test_stage_rerun_with_new_objective_runs_only_train_and_after(pipeline_run):
     assert ran == {"train", "evaluate/after"}
 
 
+def test_stage_rerun_data_parallel_under_torchrun(pipeline_run):
+    """`--set train.world_size=2` reruns train as 2 gloo ranks; the result is published like any."""
+    root = pipeline_run["root"]
+    first = _catalog(root).runs()[0]["run_id"]
+    res = CliRunner().invoke(app, ["stage", "train", "--run", first, "--force", "--no-progress",
+                                   "--set", "train.world_size=2", "--root", str(root)])
+    assert res.exit_code == 0, res.output
+    cat = _catalog(root)
+    rerun = cat.runs()[-1]
+    train = next(s for s in cat.stages(rerun["run_id"]) if s["label"] == "train")
+    assert not train["cached"]
+    folder = Layout.at(root).artifact_dir("train", train["key"])
+    assert (folder / "model" / "model.safetensors").exists() and (folder / "dist.log").exists()
+    assert json.loads((folder / "manifest.json").read_text())["world_size"] == 2
+
+
 def test_cli_runs_json_and_query(pipeline_run):
     root = str(pipeline_run["root"])
     res = CliRunner().invoke(app, ["runs", "--json", "--root", root])

@@ -320,8 +320,10 @@ class Trainer:
 
     def __init__(self, model, cfg: TrainConfig, pad_id: int, total_steps: int,
                  teacher_model: torch.nn.Module | None = None, teacher_batch_size: int = 32,
-                 share_prefix: bool = True):
+                 share_prefix: bool = True, dist=None):
         self.model = model
+        # opsd.training.distributed.DataParallel: this rank trains on its share of every batch
+        self.dist = dist
         self.cfg = cfg
         self.pad_id = pad_id
         self.total_steps = max(1, total_steps)
@@ -334,13 +336,15 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         self.model.train()
+        # tokens of the whole optimiser batch (all ranks): the loss is their mean however split
         n_tokens = sum(len(e.response_ids) for e in examples)
         sample_ids = [e.sample_id for e in examples]
         progress = self.state.step / self.total_steps
         losses, divs, ents = [], [], []
         info_sum: dict[str, float] = {}
-        for s in range(0, len(examples), cfg.micro_batch_size):
-            mb = collate(examples[s : s + cfg.micro_batch_size], self.pad_id)
+        local = self.dist.shard(examples) if self.dist else examples
+        for s in range(0, len(local), cfg.micro_batch_size):
+            mb = collate(local[s : s + cfg.micro_batch_size], self.pad_id)
             # Token-mean over the whole optimiser batch, however it is split.
             loss, div, ent, info = micro_batch_loss(self.model, mb, cfg, 1.0 / max(1, n_tokens),
                                                     teacher=self.teacher, progress=progress)
@@ -350,7 +354,16 @@ class Trainer:
             for k, v in info.items():  # token-weighted average over micro-batches
                 info_sum[k] = info_sum.get(k, 0.0) + v * mb.n_tokens
         loss = float(sum(losses)) / max(1, n_tokens)
-        div = torch.cat(divs)
+        div, ent = torch.cat(divs), torch.cat(ents)
+        div_stats = (float(div.sum()), float(div.numel()), float(div.min()) if div.numel() else math.inf,
+                     float(div.max()) if div.numel() else -math.inf, float(ent.sum()))
+        if self.dist:
+            # Sum of every rank's (1/n_tokens-scaled) gradients = the one-process gradient.
+            self.dist.all_reduce_grads(self.model)
+            loss = self.dist.sum([loss])[0]
+            info_sum = dict(zip(sorted(info_sum), self.dist.sum([info_sum[k] for k in sorted(info_sum)])))
+            d_sum, d_n, e_sum = self.dist.sum([div_stats[0], div_stats[1], div_stats[4]])
+            div_stats = (d_sum, d_n, self.dist.min(div_stats[2]), self.dist.max(div_stats[3]), e_sum)
         if not math.isfinite(loss):
             self.opt.zero_grad(set_to_none=True)
             raise NumericalError(
@@ -370,11 +383,12 @@ class Trainer:
         self.state.step += 1
         dt = time.perf_counter() - t0
         stats = StepStats(
-            step=self.state.step, epoch=epoch, loss=loss, kl=float(div.mean()) if div.numel() else 0.0,
-            entropy=float(torch.cat(ents).mean()) if n_tokens else 0.0, grad_norm=grad_norm, lr=lr,
+            step=self.state.step, epoch=epoch, loss=loss,
+            kl=div_stats[0] / div_stats[1] if div_stats[1] else 0.0,
+            entropy=div_stats[4] / n_tokens if n_tokens else 0.0, grad_norm=grad_norm, lr=lr,
             tokens=n_tokens, tokens_per_s=n_tokens / dt if dt > 0 else 0.0, seconds=dt,
-            div_min=float(div.min()) if div.numel() else 0.0,
-            div_max=float(div.max()) if div.numel() else 0.0,
+            div_min=div_stats[2] if div_stats[1] else 0.0,
+            div_max=div_stats[3] if div_stats[1] else 0.0,
             extra={k: v / max(1, n_tokens) for k, v in info_sum.items()},
         )
         self.state.history.append(stats.as_dict())
