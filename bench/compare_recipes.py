@@ -30,13 +30,15 @@ import traceback
 from datetime import datetime
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.docs import write_section  # noqa: E402
+
 RECIPES = ["quickstart", "lightning-opd", "opsd", "pw-opsd", "tip", "srpo", "scope", "exopd",
            "vopd", "trace", "grpo", "sft"]
-BEGIN, END = "<!-- recipes:results:begin -->", "<!-- recipes:results:end -->"
 
 
 def run_recipe(name: str, root: str, overrides: list[str]) -> dict:
@@ -115,16 +117,6 @@ def markdown(results: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str, path: Path) -> None:
-    doc = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc and END in doc:
-        doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip() + "\n\n## Comparison on the quickstart task\n\n" + block + "\n"
-    path.write_text(doc)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=os.environ.get("OPSD_HOME", "opsd-home"), help="storage root")
@@ -162,7 +154,7 @@ def main() -> None:
     table = markdown(results, meta)
     print("\n" + table)
     if not args.no_docs:
-        write_docs(table, Path(args.docs))
+        write_section(Path(args.docs), "recipes:results", table, "Comparison on the quickstart task")
         print(f"\nwrote {args.docs}")
     print(f"wrote {out}")
 

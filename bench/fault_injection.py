@@ -225,6 +225,19 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     bad = any(r["corrupt"] or r["diffs"] or not r["reruns_resumed"] for r in results)
+    from bench.docs import write_section
+
+    lines = [f"Command: `python -m bench.fault_injection --kills {args.kills}` (tiny random model, "
+             "offline pipeline; each kill is a SIGKILL of the whole process group at a random "
+             "moment while that stage runs, repeated on the same root, then one rerun).", "",
+             "| stage | kills tried | landed inside the stage | corrupt artifacts | rerun resumed | "
+             "rerun equals clean run |", "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['stage']} | {r['kills']} | {r['killed']} | {len(r['corrupt'])} | "
+                     f"{'yes' if r['reruns_resumed'] else 'NO'} | "
+                     f"{'yes' if not r['diffs'] else 'NO: ' + '; '.join(r['diffs'])} |")
+    write_section(REPO / "docs" / "reliability.md", "reliability:faults", "\n".join(lines),
+                  "Fault injection")
     return 1 if bad else 0
 
 
