@@ -125,6 +125,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "recipes.json"))
     ap.add_argument("--docs", default=str(ROOT / "docs" / "recipes.md"))
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the results of other recipes already in --out (run the set in parts)")
     args = ap.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -137,6 +139,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
+    if args.merge and out.exists():
+        results = [r for r in json.loads(out.read_text())["results"] if r["recipe"] not in args.recipes]
+    order = {n: i for i, n in enumerate(RECIPES)}
     for name in args.recipes:
         t0 = time.perf_counter()
         try:
@@ -146,7 +151,11 @@ def main() -> None:
             res = {"recipe": name, "error": f"{type(err).__name__}: {err}\n{traceback.format_exc()[-3000:]}",
                    "wall_s": time.perf_counter() - t0}
         results.append(res)
+        results.sort(key=lambda r: order.get(r["recipe"], len(order)))
         out.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+        if not args.no_docs:  # after every recipe: a long comparison shows its progress
+            write_section(Path(args.docs), "recipes:results", markdown(results, meta),
+                          "Comparison on the quickstart task")
         print(f"[compare] {name}: " + (f"after {_pct(res.get('after'))} (before {_pct(res.get('before'))}), "
                                       f"retention {_num(res.get('retention_logprob_delta'), '{:+.3f}')}, "
                                       f"wall {_num(res.get('wall_s'))}s" if "error" not in res
@@ -154,7 +163,6 @@ def main() -> None:
     table = markdown(results, meta)
     print("\n" + table)
     if not args.no_docs:
-        write_section(Path(args.docs), "recipes:results", table, "Comparison on the quickstart task")
         print(f"\nwrote {args.docs}")
     print(f"wrote {out}")
 

@@ -63,6 +63,14 @@ class Batch:
     def n_tokens(self) -> int:
         return int(self.token_N.numel())
 
+    def to(self, device: torch.device) -> "Batch":
+        """The same batch with every tensor on ``device`` (a no-op on CPU)."""
+        if device.type == "cpu":
+            return self
+        moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                 for k, v in self.__dict__.items()}
+        return Batch(**moved)
+
     @property
     def n_seqs(self) -> int:
         return int(self.input_ids_BL.shape[0])

@@ -279,13 +279,22 @@ def micro_batch_loss(model, batch: Batch, cfg: TrainConfig, loss_scale: float, *
                              f"{cfg.divergence.topk_support}) needs a live teacher model")
         th_NH, teacher_head = teacher.hidden(batch), teacher.lm_head
     use_bf16 = cfg.autocast == "bfloat16"
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+    device = next(model.parameters()).device
+    plan_batch, batch = batch, batch.to(device)  # coefficients are planned on the CPU copy
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
         hidden_BLH = decoder(input_ids=batch.input_ids_BL, use_cache=False).last_hidden_state
         h_NH = hidden_BLH[batch.row_idx_N, batch.pos_idx_N]
         stats = None
         if needs_stats(cfg):
             stats = token_stats(cfg, lm_head, teacher_head, h_NH.detach(), th_NH, batch)
-        coef = token_coefficients(batch, cfg, stats, progress)
+        if stats is not None and device.type != "cpu":
+            stats = TokenStats(*(None if x is None else x.cpu() for x in
+                                 (stats.student_entropy_N, stats.div_N, stats.teacher_entropy_N)))
+        coef = token_coefficients(plan_batch, cfg, stats, progress)
+        if device.type != "cpu":
+            for name in ("distill_N", "fkl_N", "rkl_N", "pg_N"):
+                if getattr(coef, name) is not None:
+                    setattr(coef, name, getattr(coef, name).to(device))
         fn = _chunk_loss(cfg, lm_head, teacher_head)
         total = torch.zeros(())
         divs, ents = [], []
