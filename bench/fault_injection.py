@@ -63,20 +63,29 @@ def _catalog(root: Path):
     return Catalog(layout.catalog, layout.artifacts)
 
 
-def _running(root: Path, label: str) -> bool:
+def _run_ids(root: Path) -> set[str]:
+    if not (root / "catalog.duckdb").exists():
+        return set()
+    return {r["run_id"] for r in _catalog(root).runs()}
+
+
+def _running(root: Path, label: str, earlier: set[str]) -> bool:
+    """Stage ``label`` is running in a run started by this attempt (a killed attempt's row stays
+    'running' until the next run reaps it, so rows of ``earlier`` runs do not count)."""
     if not (root / "catalog.duckdb").exists():
         return False
     try:
         _, rows = _catalog(root).query(
-            "SELECT status FROM stages WHERE label = ? ORDER BY started_at DESC LIMIT 1", [label])
+            "SELECT run_id, status FROM stages WHERE label = ? ORDER BY started_at DESC LIMIT 1", [label])
     except Exception:
         return False
-    return bool(rows) and rows[0][0] == "running"
+    return bool(rows) and rows[0][0] not in earlier and rows[0][1] == "running"
 
 
 def kill_during(recipe: Path, root: Path, label: str, rng: random.Random, window: float) -> str:
     """Start the pipeline, SIGKILL it ``uniform(0, window)`` seconds into stage ``label``."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    earlier = _run_ids(root)
     proc = subprocess.Popen(
         [sys.executable, "-m", "opsd.cli", "run", str(recipe), "--root", str(root), "--no-progress"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -84,7 +93,7 @@ def kill_during(recipe: Path, root: Path, label: str, rng: random.Random, window
     )
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline:
-        if _running(root, label):
+        if _running(root, label, earlier):
             time.sleep(rng.uniform(0, window))
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)  # like a node failure: everything dies at once
