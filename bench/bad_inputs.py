@@ -10,6 +10,7 @@ naming the file/field and the fix, and nothing written under the artifact root
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -189,24 +190,35 @@ CASES: list[Case] = [
 ]
 
 
-def run_case(case: Case, work: Path, model: Path) -> dict:
-    from typer.testing import CliRunner
-
-    from opsd.cli import app
-
+def run_case(case: Case, work: Path, model: Path, subprocess_run: bool = False) -> dict:
+    """``opsd run`` on the case's recipe: in this process (tests) or as a user runs it, in a
+    fresh process (the script: Prefect's console log handler outlives one in-process CLI call)."""
     work.mkdir(parents=True, exist_ok=True)
     cfg, args = case.build(work, model)
     recipe = work / "recipe.yaml"
     recipe.write_text(json.dumps({"name": "bad", **cfg}))
     root = work / "home"
-    res = CliRunner().invoke(app, ["run", str(recipe), "--root", str(root), "--no-progress", *args])
+    argv = ["run", str(recipe), "--root", str(root), "--no-progress", *args]
+    if subprocess_run:
+        import subprocess
+
+        proc = subprocess.run([sys.executable, "-m", "opsd.cli", *argv], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+        exit_code, output = proc.returncode, proc.stdout + proc.stderr
+    else:
+        from typer.testing import CliRunner
+
+        from opsd.cli import app
+
+        res = CliRunner().invoke(app, argv)
+        exit_code, output = res.exit_code, res.output or ""
     written = sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
-    message = (res.output or "").strip().splitlines()
+    message = output.strip().splitlines()
     return {
-        "case": case.name, "kind": case.kind, "exit_code": res.exit_code,
+        "case": case.name, "kind": case.kind, "exit_code": exit_code,
         "message": next((line for line in message if case.expect in line),
                         message[-1] if message else ""),
-        "expected_fragment_found": case.expect in (res.output or ""),
+        "expected_fragment_found": case.expect in output,
         "written": written,
     }
 
@@ -228,7 +240,7 @@ def main() -> int:
 
     base = Path(tempfile.mkdtemp(prefix="opsd-bad-inputs-"))
     model = tiny_model(base / "tiny")
-    results = [run_case(c, base / f"case{i}", model) for i, c in enumerate(CASES)]
+    results = [run_case(c, base / f"case{i}", model, subprocess_run=True) for i, c in enumerate(CASES)]
     ok = all(r["exit_code"] == 2 and r["expected_fragment_found"] and not r["written"] for r in results)
     text = table(results)
     print(text)

@@ -82,6 +82,13 @@ def _running(root: Path, label: str, earlier: set[str]) -> bool:
     return bool(rows) and rows[0][0] not in earlier and rows[0][1] == "running"
 
 
+def _stage_seconds(root: Path, label: str) -> float | None:
+    """How long stage ``label`` took in the last run that completed it (not a cached reuse)."""
+    _, rows = _catalog(root).query("SELECT seconds FROM stages WHERE label = ? AND NOT cached AND "
+                                   "status = 'completed' ORDER BY started_at DESC LIMIT 1", [label])
+    return float(rows[0][0]) if rows and rows[0][0] else None
+
+
 def kill_during(recipe: Path, root: Path, label: str, rng: random.Random, window: float) -> str:
     """Start the pipeline, SIGKILL it ``uniform(0, window)`` seconds into stage ``label``."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -226,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     reference = outputs(args.workdir / "reference")
     results = []
     for i, label in enumerate(STAGES):
-        r = run_stage_faults(args.workdir, model_dir, label, args.kills, args.seed + i, reference)
+        # aim the kills inside the stage: a random moment within 70 % of its clean duration
+        secs = _stage_seconds(args.workdir / "reference", label)
+        window = max(0.3, 0.7 * secs) if secs else 3.0
+        r = run_stage_faults(args.workdir, model_dir, label, args.kills, args.seed + i, reference,
+                             window=window)
         results.append(r.__dict__)
         print(f"{label:<16} kills tried {r.kills:>3}  landed inside the stage {r.killed:>3}  "
               f"corrupt artifacts {len(r.corrupt)}  rerun resumed {'yes' if r.reruns_resumed else 'NO'}  "
