@@ -81,6 +81,9 @@ def run(
             cfg = load_config(config, set_ or [], data)
         except ConfigError as err:
             _fail(str(err))
+        from opsd.steps import check_inputs
+
+        check_inputs(cfg)  # bad data or models are refused before Prefect starts
         kwargs = dict(config=json.loads(cfg.model_dump_json()), root=str(root) if root else None,
                       run_id=run_id, show_progress=progress)
         _run_flow(kwargs, cfg.mode)

@@ -57,6 +57,17 @@ def resolve_policies(cfg: PipelineConfig) -> tuple[Policy, Policy]:
     return student, teacher
 
 
+def check_inputs(cfg: PipelineConfig) -> None:
+    """Everything the flow checks before its first stage — dataset rows, models, chat templates,
+    context lengths — run without starting Prefect, so a bad input costs seconds and prints one
+    message instead of a flow-run traceback. The flows repeat it (deployments start there)."""
+    from stages import dataset as dataset_stage
+
+    rows = dataset_stage.load(cfg.data)
+    student, teacher = resolve_policies(cfg)
+    preflight(cfg, rows, student, teacher)
+
+
 def preflight(cfg: PipelineConfig, rows: list[Row], student: Policy, teacher: Policy) -> None:
     """Checks that need only tokenizers and configs, before anything runs or is written:
     chat templates exist and every prompt (student, and teacher with its static privileged
