@@ -163,6 +163,8 @@ def online_flow(
                       "greedy": evals["after"].manifest.get("greedy_macro")})
         (p.layout.run_dir(p.run_id) / "curve.json").write_text(json.dumps(curve, indent=1))
         extra = {"online.iterations": float(cfg.online.iterations)}
+        if loop.res is not None:  # vLLM weight loads: in place vs engine rebuilds
+            extra.update({f"online.engine_loads.{k}": float(v) for k, v in loop.res.engine_loads.items()})
         last = chain[-1]
         return finish_report(p, evals, rollouts=last[1], targets=last[2], extra=extra)
     except BaseException as err:

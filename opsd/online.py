@@ -71,12 +71,14 @@ class Resident:
     master: torch.nn.Module  # fp32 student being trained
     infer: torch.nn.Module  # low-precision copy used for sampling (and as a live teacher)
     trainer: Trainer
-    generator: HFGenerator
+    generator: HFGenerator  # or a VLLMGenerator (same interface) with rollout.backend=vllm
     teacher_model: torch.nn.Module
-    scorer: HFScorer
+    scorer: HFScorer  # or a VLLMScorer with teacher.backend=vllm
     ema: torch.nn.Module | None = None  # fp32 EMA weights (teacher.kind == "ema")
     state_key: str = ""  # key of the iteration whose end state the student holds
     history: list[dict] = field(default_factory=list)
+    # how vLLM engines took new weights: "rollout.inplace" → count, "teacher.rebuild" → count, …
+    engine_loads: dict[str, int] = field(default_factory=dict)
 
 
 class OnlineLoop:
@@ -111,7 +113,12 @@ class OnlineLoop:
         infer = copy.deepcopy(pool.inference(self.base, cfg.rollout.dtype))
         trainer = Trainer(master, cfg.train, pool.tokenizer(self.base).pad_token_id,
                           total_steps=self.plan_steps)
-        generator = HFGenerator(infer, pool.tokenizer(self.base), batch_size=cfg.rollout.batch_size)
+        if cfg.rollout.backend == "vllm":
+            from opsd.backends import make_generator
+
+            generator = make_generator(cfg.rollout, pool, self.base)  # engine stays up across iterations
+        else:
+            generator = HFGenerator(infer, pool.tokenizer(self.base), batch_size=cfg.rollout.batch_size)
         kind = cfg.teacher.kind
         ema = None
         if kind == "frozen":
@@ -123,8 +130,14 @@ class OnlineLoop:
             teacher_model = copy.deepcopy(pool.inference(self.base, cfg.teacher.dtype))
         else:
             teacher_model = pool.inference(self.external_teacher, cfg.teacher.dtype)
-        scorer = HFScorer(teacher_model, batch_size=cfg.teacher.batch_size,
-                          share_prefix=cfg.teacher.share_prefix)
+        if cfg.teacher.backend == "vllm":
+            from opsd.backends import make_scorer
+
+            start = self.external_teacher if kind == "external" else self.base
+            scorer = make_scorer(cfg.teacher, pool, Policy(start.key, start.path, "teacher"))
+        else:
+            scorer = HFScorer(teacher_model, batch_size=cfg.teacher.batch_size,
+                              share_prefix=cfg.teacher.share_prefix)
         self.res = Resident(master, infer, trainer, generator, teacher_model, scorer, ema,
                             state_key=self.base.key)
         return self.res
@@ -136,6 +149,21 @@ class OnlineLoop:
         if res.ema is not None:
             ema_update(res.ema, res.master, self.cfg.teacher.ema_rate)
             refresh_copy(res.teacher_model, res.ema)
+        self._sync_engines()
+
+    def _sync_engines(self) -> None:
+        """vLLM engines hold their own weights: load the new student (and a live/EMA teacher)
+        into the running engines; which path ran (in place or engine rebuild) is logged."""
+        res, kind = self.res, self.cfg.teacher.kind
+        if self.cfg.rollout.backend == "vllm":
+            how = res.generator.update_weights(res.master, weights_key=res.state_key)
+            res.engine_loads[f"rollout.{how}"] = res.engine_loads.get(f"rollout.{how}", 0) + 1
+            self.p.say(f"online: vLLM rollout engine took the new student weights ({how})")
+        if self.cfg.teacher.backend == "vllm" and kind in ("live", "ema"):
+            src = res.master if kind == "live" else res.ema
+            how = res.scorer.update_weights(src, weights_key=f"{kind}-{res.state_key}")
+            res.engine_loads[f"teacher.{how}"] = res.engine_loads.get(f"teacher.{how}", 0) + 1
+            self.p.say(f"online: vLLM teacher engine took the new {kind} weights ({how})")
 
     # ------------------------------------------------------------------ exposure
 
@@ -215,6 +243,7 @@ class OnlineLoop:
         refresh_copy(res.infer, res.master)
         if res.ema is not None:
             refresh_copy(res.teacher_model, res.ema)
+        self._sync_engines()
 
     def _save_resume(self, iteration: int) -> None:
         every = self.cfg.online.resume_every

@@ -228,11 +228,15 @@ class Pipeline:
         manifest = {**manifest, "stage": stage, "label": label, "key": key,
                     "inputs": inputs, "run_id": self.run_id}
         write_manifest(staging, manifest)
-        path = self.layout.publish(stage, key)
-        nbytes, digest = dir_stats(path)
+        # Announce, move, confirm: a kill at any point leaves either no folder or a folder the
+        # catalog knows as 'publishing' (never reused; the next run recomputes and replaces it).
+        nbytes, digest = dir_stats(staging)
         rows = int(manifest.get("samples", manifest.get("rows", manifest.get("steps", 0))) or 0)
+        path = self.layout.artifact_dir(stage, key)
         self.catalog.record_artifact(key, stage, kind or stage, path, rows, nbytes, digest,
-                                     self.run_id, manifest)
+                                     self.run_id, manifest, status="publishing")
+        path = self.layout.publish(stage, key)
+        self.catalog.set_artifact_status(key, "complete")
         art = Artifact(key, path, manifest)
         art_extras = ctx.extras
         self._record(label, stage, key, False, time.perf_counter() - t0, stage_run, art)

@@ -229,13 +229,20 @@ class Catalog:
     # ------------------------------------------------------------------ artifacts
 
     def record_artifact(self, key: str, stage: str, kind: str, path: Path, rows: int, nbytes: int,
-                        content_hash: str, producer_run_id: str, manifest: dict) -> None:
+                        content_hash: str, producer_run_id: str, manifest: dict,
+                        status: str = "complete") -> None:
         with self._write() as con:
             con.execute(
                 "INSERT OR REPLACE INTO artifacts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                [key, stage, kind, str(path), rows, nbytes, content_hash, "complete", _now(),
+                [key, stage, kind, str(path), rows, nbytes, content_hash, status, _now(),
                  producer_run_id, json.dumps(manifest, sort_keys=True, default=str)],
             )
+            if status == "complete":
+                self._refresh_views(con)
+
+    def set_artifact_status(self, key: str, status: str) -> None:
+        with self._write() as con:
+            con.execute("UPDATE artifacts SET status=? WHERE key=?", [status, key])
             self._refresh_views(con)
 
     def invalidate_artifact(self, key: str) -> None:

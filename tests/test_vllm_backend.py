@@ -262,3 +262,32 @@ def test_failed_inplace_reload_falls_back_to_a_rebuild(engine, smol_path, contex
     assert gen.update_weights(smol_path) == "rebuild"
     after = scorer.score(ctx, resp, topk=1)
     torch.testing.assert_close(after[0].sampled_logprob_R, before[0].sampled_logprob_R, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- online mode
+
+
+@needs_vllm
+@pytest.mark.timeout(900)
+def test_online_flow_loads_new_weights_into_running_engines(smol_path, tmp_path):
+    """Online mode on vLLM: one rollout and one teacher engine for the whole run; after every
+    iteration the new student (a live teacher: the same weights) is loaded into the running
+    engines, in place, and the run reports how often each path ran."""
+    from opsd.backends.vllm import close_all
+    from flows.online import online_flow
+    from tests.test_pipeline_offline import write_dataset
+    from tests.test_pipeline_online import online_config
+
+    close_all()  # the module's engines: keep to two engines alive at once
+    data = write_dataset(tmp_path / "data.jsonl")
+    cfg = online_config(smol_path, data, iterations=2,
+                        rollout={"backend": "vllm", "dtype": "float32", "max_new_tokens": 8},
+                        teacher={"backend": "vllm", "kind": "live", "dtype": "float32", "topk": 4},
+                        train={"autocast": "none"}, online={"eval_every": 0})
+    try:
+        metrics = online_flow(config=cfg, root=str(tmp_path / "home"), show_progress=False)
+    finally:
+        close_all()
+    assert metrics["online.engine_loads.rollout.inplace"] == 2
+    assert metrics["online.engine_loads.teacher.inplace"] == 2
+    assert not any("rebuild" in k for k in metrics)
