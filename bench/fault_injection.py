@@ -216,6 +216,8 @@ def run_stage_faults(base: Path, model_dir: Path, label: str, kills: int, seed: 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=10, help="kills per stage")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES,
+                    help="stages to kill (the others keep their results from --out)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / "results" / "faults-work")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "faults.json")
@@ -232,7 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     offline_flow(config=cfg, root=str(args.workdir / "reference"), show_progress=False)
     reference = outputs(args.workdir / "reference")
     results = []
+    if set(args.stages) != set(STAGES) and args.out.exists():
+        kept = {r["stage"]: r for r in json.loads(args.out.read_text())}
+        results = [kept[s] for s in STAGES if s in kept and s not in args.stages]
     for i, label in enumerate(STAGES):
+        if label not in args.stages:
+            continue
         # aim the kills inside the stage: a random moment within 70 % of its clean duration
         secs = _stage_seconds(args.workdir / "reference", label)
         window = max(0.3, 0.7 * secs) if secs else 3.0
@@ -242,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:<16} kills tried {r.kills:>3}  landed inside the stage {r.killed:>3}  "
               f"corrupt artifacts {len(r.corrupt)}  rerun resumed {'yes' if r.reruns_resumed else 'NO'}  "
               f"matches clean run {'yes' if not r.diffs else 'NO: ' + '; '.join(r.diffs)}")
+    results.sort(key=lambda r: STAGES.index(r["stage"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     bad = any(r["corrupt"] or r["diffs"] or not r["reruns_resumed"] for r in results)
