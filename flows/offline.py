@@ -107,6 +107,7 @@ def offline_flow(
         rollouts = rollout_task(p, rows, data, student, teacher, start_at, force)
         skills = summarise_task(p, rollouts, student)
         targets = teacher_task(p, rows, data, rollouts, teacher, skills, start_at, force)
+        steps.release_engines(cfg)
         _, trained = train_task(p, rollouts, targets, student, start_at, force, teacher, rows)
         evals["after"] = evaluate_task(p, rows, data, trained, "evaluate/after", False, force)
         retention = retention_task(p, student, trained, force)
