@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,16 +19,11 @@ import yaml
 
 from storage.catalog import Catalog
 from storage.layout import Layout
+from tests.servers import free_port, wait_healthy
 from tests.test_pipeline_offline import LABELS, tiny_config, write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -47,7 +40,7 @@ def _finished_runs(root: Path) -> list[dict]:
 
 @pytest.mark.timeout(900)
 def test_scheduled_deployment_runs_and_reuses_cached_stages(tiny_model_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "OPSD_PROJECT_DIR": str(REPO),
@@ -60,15 +53,10 @@ def test_scheduled_deployment_runs_and_reuses_cached_stages(tiny_model_dir, tmp_
     procs = [_start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
                      str(port)], env, tmp_path / "server.log")]
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(api + "/health", timeout=2)
-                break
-            except Exception:
-                assert time.time() < deadline and procs[0].poll() is None, (
-                    (tmp_path / "server.log").read_text()[-2000:])
-                time.sleep(1)
+        try:
+            wait_healthy(api + "/health", procs[0], "prefect server")
+        except AssertionError:
+            raise AssertionError((tmp_path / "server.log").read_text()[-2000:]) from None
         run = lambda *a: subprocess.run([str(BIN / "prefect"), "--no-prompt", *a], env=env, cwd=REPO,  # noqa: E731
                                         capture_output=True, text=True, timeout=300)
         res = run("work-pool", "create", "opsd", "--type", "process")

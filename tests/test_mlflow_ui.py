@@ -10,26 +10,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.servers import free_port, wait_healthy
 from tests.test_pipeline_offline import LABELS, tiny_config, write_dataset
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed "
                                 "(make test installs it with apt-get when it can)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(900)
@@ -41,22 +33,14 @@ def test_pipeline_run_nested_stages_and_plot_visible_in_mlflow_ui(tiny_model_dir
     data = write_dataset(tmp_path / "data.jsonl")
     offline_flow(config=tiny_config(tiny_model_dir, data), root=str(root), show_progress=False)
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     server = subprocess.Popen([sys.executable, "-m", "opsd.cli", "ui", "--root", str(root),
                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except Exception:
-                if time.time() > deadline or server.poll() is not None:
-                    raise AssertionError("mlflow server did not come up")
-                time.sleep(1)
+        wait_healthy(base + "/health", server, "mlflow server")
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(base)
