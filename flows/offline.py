@@ -8,7 +8,8 @@ precomputed once to Parquet; training then runs any number of epochs (and any
 number of objective variants) over them. Each stage is a Prefect task; whether
 it *computes* is decided by its content key in the catalog, so rerunning the
 same config reuses everything and ``start_at`` reruns one stage and what
-depends on it.
+depends on it. The rollout and teacher stages run each missing shard as a task
+of its own on the task runner ``runner.kind`` selects (flows/shards.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from opsd.config import config_from_dict
 from opsd.pipeline import Pipeline
 from opsd import steps
 from opsd.reporting import finish_report
+from flows.shards import shard_runner
 from stages import dataset as dataset_stage
 from stages import retention as retention_stage
 
@@ -45,9 +47,10 @@ def evaluate_task(p: Pipeline, rows, data, policy, label, with_context, force):
 
 
 @task(name="rollout", **TASK_OPTS)
-def rollout_task(p: Pipeline, rows, data, policy, teacher, start_at, force):
+def rollout_task(p: Pipeline, rows, data, policy, teacher, start_at, force, shards=None):
     return steps.rollout_step(p, rows, data, policy, teacher=teacher, force="rollout" in force,
-                              require_cached=steps.upstream_of("rollout", start_at))
+                              require_cached=steps.upstream_of("rollout", start_at),
+                              shards=shards or shard_runner(p.cfg.runner))
 
 
 @task(name="summarise", **TASK_OPTS)
@@ -56,10 +59,11 @@ def summarise_task(p: Pipeline, rollouts, policy):
 
 
 @task(name="teacher", **TASK_OPTS)
-def teacher_task(p: Pipeline, rows, data, rollouts, teacher, skills, start_at, force):
+def teacher_task(p: Pipeline, rows, data, rollouts, teacher, skills, start_at, force, shards=None):
     return steps.teacher_step(p, rows, data, rollouts, teacher, skills=skills,
                               force="teacher" in force,
-                              require_cached=steps.upstream_of("teacher", start_at))
+                              require_cached=steps.upstream_of("teacher", start_at),
+                              shards=shards or shard_runner(p.cfg.runner))
 
 
 @task(name="train", **TASK_OPTS)
@@ -104,9 +108,13 @@ def offline_flow(
         evals = {"before": evaluate_task(p, rows, data, student, "evaluate/before", False, force)}
         if cfg.eval.teacher_ceiling:
             evals["teacher"] = evaluate_task(p, rows, data, teacher, "evaluate/teacher", True, force)
-        rollouts = rollout_task(p, rows, data, student, teacher, start_at, force)
-        skills = summarise_task(p, rollouts, student)
-        targets = teacher_task(p, rows, data, rollouts, teacher, skills, start_at, force)
+        # One shard runner (runner.kind) for both sharded stages; closed before training, so
+        # worker processes / a local Ray instance and their model copies are gone by then.
+        with shard_runner(cfg.runner) as shards:
+            rollouts = rollout_task(p, rows, data, student, teacher, start_at, force, shards)
+            skills = summarise_task(p, rollouts, student)
+            targets = teacher_task(p, rows, data, rollouts, teacher, skills, start_at, force,
+                                   shards)
         steps.release_engines(cfg)
         _, trained = train_task(p, rollouts, targets, student, start_at, force, teacher, rows)
         evals["after"] = evaluate_task(p, rows, data, trained, "evaluate/after", False, force)

@@ -167,6 +167,57 @@ class GuidanceConfig(_Strict):
     max_per_sample: int = Field(4, ge=1, description="At most this many teacher tokens per reply.")
 
 
+class VLLMEngineConfig(_Strict):
+    """vLLM engine settings (read only when the stage's backend is ``vllm``; see docs/vllm.md).
+
+    These become ``vllm.LLM(...)`` keyword arguments; the parallel sizes are vLLM's own and
+    apply to the one engine a stage runs in the flow process.
+    """
+
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=1024, description="GPUs one engine shards every layer over (vLLM tensor "
+        "parallelism)."
+    )
+    pipeline_parallel_size: int = Field(
+        1, ge=1, le=1024, description="Pipeline stages one engine splits the layers into."
+    )
+    data_parallel_size: int = Field(
+        1, ge=1, le=1024, description="vLLM data-parallel replicas. vLLM's offline LLM API accepts "
+        "> 1 only with distributed_executor_backend=external_launcher (one launched process per "
+        "replica); to spread shards over processes or a Ray cluster with the hf backend, use "
+        "runner.kind instead."
+    )
+    distributed_executor_backend: Literal["mp", "ray", "uni", "external_launcher"] | None = Field(
+        None, description="How vLLM starts its workers when a parallel size is > 1 (None: vLLM's "
+        "choice: mp on one node, ray across nodes)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0.0, le=1.0, description="Share of accelerator memory one engine may take; on CPU "
+        "the share of host memory the worker checks it may reserve (leave room for a second engine "
+        "and the trainer)."
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="Longest prompt + response in tokens (None: the model's limit)."
+    )
+    enforce_eager: bool | None = Field(
+        None, description="No torch.compile / CUDA graphs (None: eager on CPU, compiled on GPU)."
+    )
+    kv_cache_gib: float | None = Field(
+        None, gt=0.0, description="KV cache size in GiB (None: 2 GiB on CPU; on GPU sized from "
+        "gpu_memory_utilization)."
+    )
+
+    @model_validator(mode="after")
+    def _dp_needs_launcher(self) -> "VLLMEngineConfig":
+        if self.data_parallel_size > 1 and self.distributed_executor_backend != "external_launcher":
+            raise ValueError(
+                "data_parallel_size > 1 needs distributed_executor_backend=external_launcher: vLLM's "
+                "offline LLM API refuses in-process data parallelism (it may hang); to run shards "
+                "on several engines/processes use runner.kind=processes or ray with the hf backend, "
+                "or tensor_parallel_size for one engine over several GPUs")
+        return self
+
+
 class RolloutConfig(_Strict):
     backend: Literal["hf", "vllm"] = Field("hf", description="Generation engine.")
     n: int = Field(2, ge=1, le=256, description="Samples per prompt (group size).")
@@ -188,6 +239,9 @@ class RolloutConfig(_Strict):
         "student",
         description="teacher: sample the replies from the teacher *with* its privileged context while "
         "storing the student's prompt ids (off-policy data for the sft baseline; offline only).",
+    )
+    vllm: VLLMEngineConfig = Field(
+        default_factory=VLLMEngineConfig, description="vLLM engine settings (backend=vllm only)."
     )
 
 
@@ -212,6 +266,9 @@ class TeacherConfig(_Strict):
         "KV cache (exact up to float rounding).",
     )
     context: ContextConfig = Field(default_factory=ContextConfig)
+    vllm: VLLMEngineConfig = Field(
+        default_factory=VLLMEngineConfig, description="vLLM engine settings (backend=vllm only)."
+    )
 
 
 OBJECTIVES = ("forward_kl_topk", "reverse_kl_sampled", "reverse_kl_topk", "jsd", "nll", "none")
@@ -512,6 +569,43 @@ class TrackingConfig(_Strict):
     )
 
 
+class RunnerConfig(_Strict):
+    """Where the shards of the rollout and teacher stages run: one Prefect task per missing shard,
+    submitted to this Prefect task runner; the stage's artifact is published when every shard is
+    written. Per-shard seeds make the output identical whatever the kind and worker count."""
+
+    kind: Literal["threads", "processes", "ray"] = Field(
+        "threads",
+        description="threads: Prefect's ThreadPoolTaskRunner in the flow process (models loaded "
+        "once and shared); processes: ProcessPoolTaskRunner, one spawned process per worker; ray: "
+        "prefect-ray's RayTaskRunner (pip install 'opsd[ray]'), a local Ray instance or the cluster "
+        "at ray_address. processes/ray workers each load the model(s) the stage needs.",
+    )
+    workers: int = Field(
+        1, ge=1, le=4096,
+        description="Shards run at the same time (threads/processes: pool size; ray: the CPUs of a "
+        "local Ray instance, in units of cpus_per_worker).",
+    )
+    cpus_per_worker: int = Field(
+        1, ge=1, le=1024,
+        description="processes/ray: torch threads per worker (ray: CPUs reserved per shard task). "
+        "threads: unused (the flow process's torch threads are shared).",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="ray: address of a running cluster ('auto', 'ray://head:10001'); None starts a "
+        "local Ray instance for the run's rollout and teacher stages. Workers must see the same OPSD home (a shared "
+        "file system) and a Prefect API they can reach (set PREFECT_API_URL).",
+    )
+
+    @model_validator(mode="after")
+    def _address_needs_ray(self) -> "RunnerConfig":
+        if self.ray_address is not None and self.kind != "ray":
+            raise ValueError(f"runner.ray_address is set but runner.kind is {self.kind!r}; "
+                             "set runner.kind=ray or drop ray_address")
+        return self
+
+
 class PipelineConfig(_Strict):
     name: str = Field("opsd", description="Recipe name, shown in MLflow and the catalog.")
     mode: Literal["offline", "online"] = Field(
@@ -527,6 +621,7 @@ class PipelineConfig(_Strict):
     summarise: SummariseConfig = Field(default_factory=SummariseConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
     @field_validator("name")
     @classmethod
@@ -572,6 +667,11 @@ class PipelineConfig(_Strict):
             # without rows/tokenizer (opsd/online.py); refuse rather than train silently wrong.
             raise ValueError("live-teacher objectives and train.trace run in offline mode only "
                              "(the online loop does not pass the teacher model / span rows yet)")
+        if self.mode == "online" and (self.runner.kind != "threads" or self.runner.workers > 1):
+            raise ValueError(
+                f"runner.kind={self.runner.kind} / runner.workers={self.runner.workers}: sharded "
+                "stages fan out in offline mode only; online mode keeps the student resident in "
+                "the flow process between iterations (use runner.kind=threads, runner.workers=1)")
         if self.rollout.sample_from == "teacher":
             if self.mode != "offline":
                 raise ValueError("rollout.sample_from=teacher (the sft baseline) is offline only")

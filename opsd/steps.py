@@ -90,6 +90,7 @@ def preflight(cfg: PipelineConfig, rows: list[Row], student: Policy, teacher: Po
     from opsd.context.render import teacher_ids
     from opsd.models import load_tokenizer
 
+    check_runner(cfg)
     for policy, who in ((student, "student"), (teacher, "teacher")):
         tok = load_tokenizer(policy.path)
         limit = getattr(AutoConfig.from_pretrained(policy.path), "max_position_embeddings", None)
@@ -101,6 +102,20 @@ def preflight(cfg: PipelineConfig, rows: list[Row], student: Policy, teacher: Po
                 ctx = build_context(row, cfg.teacher.context)
                 ids = teacher_ids(tok, row, ctx, student_turn_ids(tok, row))
             check_length(row.id, len(ids) + reply, limit, f"{who} prompt + max_new_tokens")
+
+
+def check_runner(cfg: PipelineConfig) -> None:
+    """runner.kind=ray needs prefect-ray (an optional extra): refuse before anything runs."""
+    if cfg.runner.kind == "ray":
+        try:
+            import prefect_ray  # noqa: F401
+            import ray  # noqa: F401
+        except Exception as err:  # noqa: BLE001 - a broken install may raise anything at import
+            from opsd.config import ConfigError
+
+            raise ConfigError(
+                f"runner.kind=ray needs prefect-ray ({type(err).__name__}: {err}). Fix: "
+                "`pip install 'opsd[ray]'`, or set runner.kind=threads / processes.") from None
 
 
 def dataset_step(p: Pipeline, rows: list[Row], *, force=False, require_cached=False) -> Artifact:
@@ -126,14 +141,17 @@ def dataset_step(p: Pipeline, rows: list[Row], *, force=False, require_cached=Fa
 def rollout_step(p: Pipeline, rows: list[Row], data: Artifact, policy: Policy, *, label="rollout",
                  iteration: int = 0, subset: list[str] | None = None, force=False,
                  require_cached=False, engine=None, teacher: Policy | None = None,
-                 guide_model=None, before_run=None) -> Artifact:
+                 guide_model=None, before_run=None, shards=None) -> Artifact:
     """``before_run()`` is called only when the stage computes (online: bring the student's
-    resident state up to date); a cached rollout needs no model at all."""
+    resident state up to date); a cached rollout needs no model at all. ``shards``: where the
+    missing shards run (stages.shards; the flows pass their Prefect runner)."""
     train_rows = [r for r in rows if r.split == "train"]
     if subset is not None:
         wanted = set(subset)
         train_rows = [r for r in train_rows if r.id in wanted]
     cfg = config_for_key(p.cfg.rollout)
+    if p.cfg.rollout.backend != "vllm":
+        cfg.pop("vllm", None)  # engine settings of an engine that does not run
     cfg.update({"iteration": iteration, "subset": sorted(subset) if subset is not None else None})
     inputs = {"dataset": data.key, "policy": policy.key}
     guided = p.cfg.rollout.guidance.enabled
@@ -155,7 +173,8 @@ def rollout_step(p: Pipeline, rows: list[Row], data: Artifact, policy: Policy, *
             engine=engine() if callable(engine) else engine,
             teacher=teacher if guided else None,
             context=p.cfg.teacher.context if guided else None,
-            guide_model=guide_model() if callable(guide_model) else guide_model),
+            guide_model=guide_model() if callable(guide_model) else guide_model,
+            shards=shards),
         force=force, require_cached=require_cached,
     )
 
@@ -180,11 +199,13 @@ def summarise_step(p: Pipeline, rollouts: Artifact, policy: Policy, *, label="su
 def teacher_step(p: Pipeline, rows: list[Row], data: Artifact, rollouts: Artifact, teacher: Policy,
                  *, label="teacher", skills: dict[str, str] | None = None,
                  exposure: float | None = None, force=False, require_cached=False,
-                 scorer=None, before_run=None) -> Artifact:
+                 scorer=None, before_run=None, shards=None) -> Artifact:
     from opsd.context.builders import dynamic_views, needs_dynamic, usage, views_key
     from storage.parquet import read_table
 
     cfg = config_for_key(p.cfg.teacher, drop=("batch_size", "shard_size", "kind", "ema_rate"))
+    if p.cfg.teacher.backend != "vllm":
+        cfg.pop("vllm", None)
     extra = None
     pi_usage: dict[str, float] = {}
     if needs_dynamic(p.cfg.teacher.context):
@@ -202,7 +223,8 @@ def teacher_step(p: Pipeline, rows: list[Row], data: Artifact, rollouts: Artifac
         if before_run:
             before_run()
         out = teacher_stage.run(p.cfg.teacher, rows, rollouts, teacher, ctx, extra_views=extra,
-                                exposure=exposure, scorer=scorer() if callable(scorer) else scorer)
+                                exposure=exposure, scorer=scorer() if callable(scorer) else scorer,
+                                shards=shards)
         out["pi"] = pi_usage
         return out
 

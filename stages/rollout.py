@@ -4,12 +4,17 @@ Stores per sample the prompt and response token ids exactly as sampled, the
 behaviour log-prob of each sampled token, the decoded text, why generation
 stopped, and the verifier's verdict and feedback. Work is split into shards of
 ``shard_size`` prompts, each written atomically with its own seed: a killed
-stage resumes at the first missing shard and reproduces the same rows.
+stage resumes at the first missing shard and reproduces the same rows. Each missing
+shard is one job for a shard runner (stages/shards.py): in this process, or one
+Prefect task per shard on threads, processes or Ray (``runner.*``).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -21,6 +26,8 @@ from opsd.data import verify
 from opsd.data.rows import Row
 from opsd.pool import Policy
 from stages.common import StageContext, shard_seed
+from stages.shards import (InlineShards, ShardRunner, free_masters, summary, worker_id,
+                           worker_pool)
 from storage.parquet import ROLLOUTS, completed_shards, shard_name, write_table_atomic
 
 
@@ -56,6 +63,62 @@ def sample_rows(
     return pa.Table.from_pydict(cols, schema=ROLLOUTS)
 
 
+@dataclass(frozen=True)
+class RolloutShard:
+    """One shard's work: everything a worker needs to write ``out_path`` (picklable)."""
+
+    cfg: RolloutConfig
+    rows: list[Row]  # this shard's prompts
+    shard: int
+    seed: int
+    iteration: int
+    policy: Policy
+    teacher: Policy | None  # guidance / sample_from=teacher
+    context: ContextConfig | None
+    out_path: Path
+
+
+def write_shard(job: RolloutShard, tokenizer, engine, guide_model=None, progress=None) -> dict:
+    """Sample the shard's replies with ``engine`` and write them atomically to ``job.out_path``."""
+    cfg, chunk = job.cfg, job.rows
+    from_teacher = cfg.sample_from == "teacher"
+    prompts = [student_ids(tokenizer, r) for r in chunk]
+    params = SamplingParams(
+        n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens, seed=job.seed,
+    )
+    guidance = None
+    if guide_model is not None:
+        g = cfg.guidance
+        contexts = [
+            teacher_ids(tokenizer, r, build_context(r, job.context), student_turn_ids(tokenizer, r))
+            for r in chunk
+        ]
+        guidance = Guidance(guide_model, contexts, g.threshold, g.min_teacher_prob, g.max_per_sample)
+    gen_prompts = prompts
+    if from_teacher:
+        gen_prompts = [
+            teacher_ids(tokenizer, r, build_context(r, job.context), student_turn_ids(tokenizer, r))
+            for r in chunk
+        ]
+    gens = engine.generate(gen_prompts, params, progress=progress, guidance=guidance)
+    table = sample_rows(chunk, prompts, gens, tokenizer,
+                        job.teacher.key if from_teacher else job.policy.key, job.iteration)
+    write_table_atomic(table, job.out_path)
+    return {"shard": job.shard, "samples": len(gens), "tokens": sum(len(g.response_ids) for g in gens),
+            "worker": worker_id()}
+
+
+def run_shard(job: RolloutShard) -> dict:
+    """:func:`write_shard` in a worker process: models come from the worker's own pool."""
+    pool = worker_pool()
+    cfg = job.cfg
+    engine = make_generator(cfg, pool, job.teacher if cfg.sample_from == "teacher" else job.policy)
+    guide = pool.inference(job.teacher, cfg.dtype) if cfg.guidance.enabled else None
+    free_masters(pool)
+    return write_shard(job, pool.tokenizer(job.policy), engine, guide)
+
+
 def run(
     cfg: RolloutConfig,
     rows: list[Row],
@@ -67,6 +130,7 @@ def run(
     teacher: Policy | None = None,
     context: ContextConfig | None = None,
     guide_model=None,
+    shards: ShardRunner | None = None,
 ) -> dict:
     """Sample ``cfg.n`` replies for every row in ``rows`` (already the train selection).
 
@@ -74,60 +138,55 @@ def run(
     ``context``) decodes in lockstep and may replace strongly rejected tokens. With
     ``cfg.sample_from == "teacher"`` the teacher writes the replies itself (its behaviour
     log-probs are stored) while the stored prompt ids stay the student's.
+
+    Every missing shard is one job for ``shards`` (default: in this process, in order). A
+    remote runner (processes, Ray) loads the models in its workers; it is used only when
+    this process holds no engine for the stage (``engine``/``guide_model`` not given) and the
+    backend is hf — a vLLM engine parallelises itself (``rollout.vllm``).
     """
-    tokenizer = ctx.pool.tokenizer(policy)
     from_teacher = cfg.sample_from == "teacher"
-    if from_teacher:
-        # Off-policy data (the sft baseline): the teacher writes the replies from its privileged
-        # prompt; the stored prompt ids are still the student's, so training sees the student's view.
-        if teacher is None or context is None:
-            raise ValueError("rollout.sample_from=teacher needs the teacher policy and its context config")
-        engine = engine or make_generator(cfg, ctx.pool, teacher)
-    engine = engine or make_generator(cfg, ctx.pool, policy)
-    if cfg.guidance.enabled:
-        if teacher is None or context is None:
-            raise ValueError("guided rollouts need the teacher policy and its context config")
-        guide_model = guide_model or ctx.pool.inference(teacher, cfg.dtype)
-    else:
-        guide_model = None
+    if (from_teacher or cfg.guidance.enabled) and (teacher is None or context is None):
+        what = "rollout.sample_from=teacher needs" if from_teacher else "guided rollouts need"
+        raise ValueError(f"{what} the teacher policy and its context config")
+    runner: ShardRunner = shards or InlineShards()
     done = completed_shards(ctx.out_dir)
     n_shards = (len(rows) + cfg.shard_size - 1) // cfg.shard_size
+    jobs = [
+        RolloutShard(cfg, rows[i * cfg.shard_size : (i + 1) * cfg.shard_size], i,
+                     shard_seed(cfg.seed, i, f"it{iteration}"), iteration, policy,
+                     teacher if (from_teacher or cfg.guidance.enabled) else None, context,
+                     ctx.out_dir / shard_name(i))
+        for i in range(n_shards) if i not in done
+    ]
+    names = [f"rollout shard {j.shard + 1}/{n_shards}" for j in jobs]
     t0 = time.perf_counter()
-    tokens = generated = 0
     bar = ctx.progress(len(rows) * cfg.n, f"rollout ({policy.label or 'policy'})", "sample")
     bar.update(sum(min(cfg.shard_size, len(rows) - i * cfg.shard_size) for i in done) * cfg.n)
-    for shard in range(n_shards):
-        if shard in done:
-            continue
-        chunk = rows[shard * cfg.shard_size : (shard + 1) * cfg.shard_size]
-        prompts = [student_ids(tokenizer, r) for r in chunk]
-        params = SamplingParams(
-            n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens, seed=shard_seed(cfg.seed, shard, f"it{iteration}"),
-        )
-        guidance = None
-        if guide_model is not None:
-            g = cfg.guidance
-            contexts = [
-                teacher_ids(tokenizer, r, build_context(r, context), student_turn_ids(tokenizer, r))
-                for r in chunk
-            ]
-            guidance = Guidance(guide_model, contexts, g.threshold, g.min_teacher_prob, g.max_per_sample)
-        gen_prompts = prompts
-        if from_teacher:
-            gen_prompts = [
-                teacher_ids(tokenizer, r, build_context(r, context), student_turn_ids(tokenizer, r))
-                for r in chunk
-            ]
-        gens = engine.generate(gen_prompts, params, progress=bar.update, guidance=guidance)
-        table = sample_rows(chunk, prompts, gens, tokenizer,
-                            teacher.key if from_teacher else policy.key, iteration)
-        write_table_atomic(table, ctx.out_dir / shard_name(shard))
-        tokens += sum(len(g.response_ids) for g in gens)
-        generated += len(gens)
+    remote = (runner.remote and jobs and engine is None and guide_model is None
+              and cfg.backend == "hf")
+    if remote:
+        results = runner.map(run_shard, jobs, names, on_done=lambda r: bar.update(r["samples"]),
+                             label="rollout")
+    else:
+        if runner.remote:
+            runner = InlineShards()  # this process holds the engine (online, vLLM): shards stay here
+        results = []
+        if jobs:
+            tokenizer = ctx.pool.tokenizer(policy)
+            engine = engine or make_generator(cfg, ctx.pool, teacher if from_teacher else policy)
+            if cfg.guidance.enabled:
+                guide_model = guide_model or ctx.pool.inference(teacher, cfg.dtype)
+            else:
+                guide_model = None
+            fn = partial(write_shard, tokenizer=tokenizer, engine=engine, guide_model=guide_model,
+                         progress=bar.update)
+            results = runner.map(fn, jobs, names, label="rollout")
     bar.close()
     seconds = time.perf_counter() - t0
-    return summarize(ctx, seconds, tokens, generated)
+    out = summarize(ctx, seconds, sum(r["tokens"] for r in results),
+                    sum(r["samples"] for r in results))
+    out["shards"] = summary(runner, n_shards, results)
+    return out
 
 
 def summarize(ctx: StageContext, seconds: float, tokens: int, generated: int) -> dict:

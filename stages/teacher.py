@@ -5,13 +5,18 @@ For every rollout the teacher reads ``privileged context + the student's turns
 re-tokenised) and we store, per response token, the teacher log-prob of the
 sampled token, its top-k ids and log-probs and the tail mass. The student's
 turns are verified to be token-identical inside the teacher prompt. Full
-vocabulary distributions are never written.
+vocabulary distributions are never written. Each missing shard is one job for a
+shard runner (stages/shards.py), so shards can be scored by other processes or a
+Ray cluster; the teacher prompts are built once, here.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -21,6 +26,8 @@ from opsd.context.render import build_context, check_length, student_ids, studen
 from opsd.data.rows import Row
 from opsd.pool import Policy
 from stages.common import Artifact, StageContext, ids_hash
+from stages.shards import (InlineShards, ShardRunner, free_masters, summary, worker_id,
+                           worker_pool)
 from storage.parquet import (CONTEXTS, CONTEXTS_FILE, TEACHER, completed_shards, read_table, shard_name,
                              write_table_atomic)
 
@@ -62,6 +69,63 @@ def teacher_prompts(
     return out_ids, out_views
 
 
+@dataclass(frozen=True)
+class TeacherShard:
+    """One shard's work: the rollouts' ids, the teacher prompts and the file to write (picklable)."""
+
+    cfg: TeacherConfig
+    teacher: Policy
+    shard: int
+    sample_ids: list[str]
+    row_ids: list[str]
+    contexts: list[list[list[int]]]  # [view set][sample] teacher prompt ids (1 set unless consensus)
+    responses: list[list[int]]
+    views: list[str]
+    rollout_key: str
+    out_path: Path
+
+
+def write_shard(job: TeacherShard, scorer, progress=None) -> dict:
+    """Score the shard's responses with ``scorer`` and write the targets to ``job.out_path``."""
+    cfg, responses = job.cfg, job.responses
+    if cfg.context.consensus != "none":
+        targets = scorer.score_views(job.contexts, responses, cfg.topk, cfg.context.consensus,
+                                     progress=None)
+        if progress:
+            progress(len(responses))
+    else:
+        targets = scorer.score(job.contexts[0], responses, cfg.topk, progress=progress)
+    contexts = job.contexts[0]
+    cols: dict[str, list] = {name: [] for name in TEACHER.names}
+    for j, t in enumerate(targets):
+        cols["sample_id"].append(job.sample_ids[j])
+        cols["row_id"].append(job.row_ids[j])
+        cols["context_len"].append(len(contexts[j]))
+        cols["context_hash"].append(ids_hash(contexts[j]))
+        cols["response_hash"].append(ids_hash(responses[j]))
+        cols["n_tokens"].append(len(responses[j]))
+        cols["sampled_logprobs"].append(t.sampled_logprob_R.tolist())
+        cols["topk_ids"].append(t.topk_ids_RK.tolist())
+        cols["topk_logprobs"].append(t.topk_logprobs_RK.tolist())
+        cols["tail_mass"].append(t.tail_mass_R.tolist())
+        cols["views"].append(job.views[j])
+        cols["teacher"].append(job.teacher.key)
+        cols["rollout_key"].append(job.rollout_key)
+    write_table_atomic(pa.Table.from_pydict(cols, schema=TEACHER), job.out_path)
+    return {"shard": job.shard, "samples": len(responses),
+            "tokens": int(sum(len(r) for r in responses)), "worker": worker_id()}
+
+
+def run_shard(job: TeacherShard) -> dict:
+    """:func:`write_shard` in a worker process: the teacher comes from the worker's own pool;
+    the scorer's counters of this shard are returned with the result."""
+    scorer = make_scorer(job.cfg, worker_pool(), job.teacher)
+    free_masters(worker_pool())
+    out = write_shard(job, scorer)
+    out["scorer"] = dict(getattr(scorer, "stats", {}))
+    return out
+
+
 def run(
     cfg: TeacherConfig,
     rows: list[Row],
@@ -72,9 +136,14 @@ def run(
     extra_views: dict[str, dict] | None = None,
     exposure: float | None = None,
     scorer=None,
+    shards: ShardRunner | None = None,
 ) -> dict:
     """Score every rollout; ``extra_views`` are run-time PI views per sample id
-    (opsd.context.builders), ``exposure`` the solution reveal ratio of this pass."""
+    (opsd.context.builders), ``exposure`` the solution reveal ratio of this pass.
+
+    Teacher prompts are built here (cheap tokenisation, and the checks against the rows);
+    every missing shard is then one job for ``shards`` (default: in this process). A remote
+    runner is used only when no ``scorer`` is given and the backend is hf."""
     tokenizer = ctx.pool.tokenizer(teacher)
     table = read_table(rollouts.path, columns=["sample_id", "row_id", "prompt_ids", "response_ids"])
     data = table.to_pydict()
@@ -87,50 +156,47 @@ def run(
     contexts, views = per_view[0]
     if consensus:
         views = ["|".join(pv[1][i] for pv in per_view) for i in range(len(views))]
-    scorer = scorer or make_scorer(cfg, ctx.pool, teacher)
+    runner: ShardRunner = shards or InlineShards()
     n = len(data["sample_id"])
+    n_shards = (n + cfg.shard_size - 1) // cfg.shard_size
     done = completed_shards(ctx.out_dir)
-    t0 = time.perf_counter()
-    scored_tokens = 0
-    bar = ctx.progress(n, f"teacher ({teacher.label or 'teacher'})", "sample")
-    for shard in range(0, (n + cfg.shard_size - 1) // cfg.shard_size):
-        lo, hi = shard * cfg.shard_size, min(n, (shard + 1) * cfg.shard_size)
+    jobs = []
+    for shard in range(n_shards):
         if shard in done:
-            bar.update(hi - lo)
             continue
-        responses = data["response_ids"][lo:hi]
-        if consensus:
-            targets = scorer.score_views([pv[0][lo:hi] for pv in per_view], responses, cfg.topk,
-                                         cfg.context.consensus, progress=None)
-            bar.update(hi - lo)
-        else:
-            targets = scorer.score(contexts[lo:hi], responses, cfg.topk, progress=bar.update)
-        cols: dict[str, list] = {name: [] for name in TEACHER.names}
-        for j, t in enumerate(targets):
-            i = lo + j
-            cols["sample_id"].append(data["sample_id"][i])
-            cols["row_id"].append(data["row_id"][i])
-            cols["context_len"].append(len(contexts[i]))
-            cols["context_hash"].append(ids_hash(contexts[i]))
-            cols["response_hash"].append(ids_hash(responses[j]))
-            cols["n_tokens"].append(len(responses[j]))
-            cols["sampled_logprobs"].append(t.sampled_logprob_R.tolist())
-            cols["topk_ids"].append(t.topk_ids_RK.tolist())
-            cols["topk_logprobs"].append(t.topk_logprobs_RK.tolist())
-            cols["tail_mass"].append(t.tail_mass_R.tolist())
-            cols["views"].append(views[i])
-            cols["teacher"].append(teacher.key)
-            cols["rollout_key"].append(rollouts.key)
-            scored_tokens += len(responses[j])
-        write_table_atomic(pa.Table.from_pydict(cols, schema=TEACHER), ctx.out_dir / shard_name(shard))
+        lo, hi = shard * cfg.shard_size, min(n, (shard + 1) * cfg.shard_size)
+        jobs.append(TeacherShard(
+            cfg, teacher, shard, data["sample_id"][lo:hi], data["row_id"][lo:hi],
+            [pv[0][lo:hi] for pv in per_view], data["response_ids"][lo:hi], views[lo:hi],
+            rollouts.key, ctx.out_dir / shard_name(shard)))
+    names = [f"teacher shard {j.shard + 1}/{n_shards}" for j in jobs]
+    t0 = time.perf_counter()
+    bar = ctx.progress(n, f"teacher ({teacher.label or 'teacher'})", "sample")
+    bar.update(n - sum(len(j.responses) for j in jobs))
+    stats: dict = {}
+    if runner.remote and jobs and scorer is None and cfg.backend == "hf":
+        results = runner.map(run_shard, jobs, names, on_done=lambda r: bar.update(r["samples"]),
+                             label="teacher")
+        for r in results:
+            for k, v in r.get("scorer", {}).items():
+                stats[k] = stats.get(k, 0) + v
+    else:
+        if runner.remote:
+            runner = InlineShards()  # this process holds the scorer (online, vLLM): shards stay here
+        results = []
+        if jobs:
+            scorer = scorer or make_scorer(cfg, ctx.pool, teacher)
+            results = runner.map(partial(write_shard, scorer=scorer, progress=bar.update), jobs, names,
+                                 label="teacher")
+        stats = dict(getattr(scorer, "stats", {}) or {})
     bar.close()
     write_contexts(contexts, ctx.out_dir / CONTEXTS_FILE)
     seconds = time.perf_counter() - t0
+    scored_tokens = sum(r["tokens"] for r in results)
     view_counts: dict[str, int] = {}
     for v in views:
         for name in set(filter(None, v.replace("|", ",").split(","))):
             view_counts[name] = view_counts.get(name, 0) + 1
-    stats = getattr(scorer, "stats", {})
     return {
         "samples": n,
         "topk": cfg.topk,
@@ -141,6 +207,7 @@ def run(
         "exposure": exposure if exposure is not None else cfg.context.exposure.ratio,
         "consensus": cfg.context.consensus,
         "scorer": {k: v for k, v in stats.items()},
+        "shards": summary(runner, n_shards, results),
     }
 
 

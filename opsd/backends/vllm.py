@@ -60,9 +60,13 @@ from opsd.backends.hf import Generation, SamplingParams, TokenTargets
 
 log = logging.getLogger("opsd.vllm")
 
-# Defaults when the config does not (yet) carry the vLLM fields; see docs/vllm.md.
+# Defaults of the engine settings (opsd.config.VLLMEngineConfig, ``rollout.vllm`` /
+# ``teacher.vllm``); a config object without a ``vllm`` section is read field by field.
 DEFAULTS: dict[str, Any] = {
     "tensor_parallel_size": 1,
+    "pipeline_parallel_size": 1,
+    "data_parallel_size": 1,
+    "distributed_executor_backend": None,  # None: vLLM's choice
     "gpu_memory_utilization": 0.3,  # leaves room for a second engine and the trainer
     "max_model_len": None,  # None: the model's own limit
     "enforce_eager": None,  # None: eager on CPU (no torch.compile), graphs on a GPU
@@ -90,16 +94,30 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def engine_settings(cfg, *, max_logprobs: int | None = None) -> dict[str, Any]:
-    """vLLM engine keyword arguments from a Rollout/TeacherConfig (fields read with defaults)."""
-    opt = {name: getattr(cfg, name, default) for name, default in DEFAULTS.items()}
-    cpu = _on_cpu()
+def engine_settings(cfg, *, max_logprobs: int | None = None,
+                    on_cpu: bool | None = None) -> dict[str, Any]:
+    """vLLM engine keyword arguments from a Rollout/TeacherConfig.
+
+    The engine fields come from ``cfg.vllm`` (:class:`opsd.config.VLLMEngineConfig`), or from
+    ``cfg`` itself for an object without that section, with :data:`DEFAULTS` for what is
+    missing. ``on_cpu`` (None: ask vLLM's platform) picks the CPU defaults.
+    """
+    src = getattr(cfg, "vllm", None) or cfg
+    opt = {name: getattr(src, name, default) for name, default in DEFAULTS.items()}
+    cpu = _on_cpu() if on_cpu is None else bool(on_cpu)
     kw: dict[str, Any] = {
         "dtype": getattr(cfg, "dtype", "float32"),
         "tensor_parallel_size": int(opt["tensor_parallel_size"]),
         "gpu_memory_utilization": float(opt["gpu_memory_utilization"]),
         "enforce_eager": bool(opt["enforce_eager"] if opt["enforce_eager"] is not None else cpu),
     }
+    # Passed only when set, so the engine sees exactly vLLM's defaults otherwise.
+    if int(opt["pipeline_parallel_size"]) > 1:
+        kw["pipeline_parallel_size"] = int(opt["pipeline_parallel_size"])
+    if int(opt["data_parallel_size"]) > 1:
+        kw["data_parallel_size"] = int(opt["data_parallel_size"])
+    if opt["distributed_executor_backend"] is not None:
+        kw["distributed_executor_backend"] = str(opt["distributed_executor_backend"])
     if opt["max_model_len"] is not None:
         kw["max_model_len"] = int(opt["max_model_len"])
     kv_gib = opt["kv_cache_gib"] if opt["kv_cache_gib"] is not None else (2.0 if cpu else None)
