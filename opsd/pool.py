@@ -8,6 +8,8 @@ between stages or iterations.
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +58,17 @@ class ModelPool:
     def adopt(self, policy: Policy, model: torch.nn.Module) -> None:
         """Register an in-memory model (a freshly trained student) under ``policy.key``."""
         self.masters[policy.key] = model
+
+    def take_master(self, policy: Policy) -> torch.nn.Module:
+        """Hand the fp32 master of ``policy`` over for training: the pool forgets it (a later
+        ``master()`` reloads it from disk), so no second fp32 copy is held for the trainer. An
+        inference copy that *is* the master (fp32) is replaced by a private copy first."""
+        model = self.master(policy)
+        for k, m in list(self.copies.items()):
+            if m is model:
+                self.copies[k] = cast_for_inference(copy.deepcopy(model), DTYPES[k[1]])
+        del self.masters[policy.key]
+        return model
 
     def release(self, key: str) -> None:
         self.masters.pop(key, None)

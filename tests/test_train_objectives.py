@@ -202,3 +202,25 @@ def test_sft_rollouts_come_from_the_teacher_with_student_prompts(artifacts, tmp_
     t = read_table(out).to_pydict()
     for beh, tlp in zip(r["behaviour_logprobs"], t["sampled_logprobs"]):
         np.testing.assert_allclose(beh, tlp, atol=2e-4)
+
+
+def test_attention_kernel_auto_switches_by_length_and_restores(tiny_model_dir):
+    from opsd.models import load_model
+    from opsd.training.loop import EAGER_MAX_LEN, attention_kernel
+
+    model = load_model(Path(tiny_model_dir), torch.float32)
+    model.config._attn_implementation = "sdpa"
+    seen = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda mod, args: seen.append(model.config._attn_implementation))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    outs = {}
+    for name, length in (("short", EAGER_MAX_LEN), ("long", EAGER_MAX_LEN + 1)):
+        with attention_kernel(model, TrainConfig(), length):
+            outs[name] = model.get_decoder()(input_ids=ids).last_hidden_state
+    with attention_kernel(model, TrainConfig(attention="sdpa"), 8):
+        model.get_decoder()(input_ids=ids)
+    hook.remove()
+    assert seen == ["eager", "sdpa", "sdpa"]
+    assert model.config._attn_implementation == "sdpa"  # restored
+    torch.testing.assert_close(outs["short"], outs["long"], atol=1e-5, rtol=1e-4)  # same math

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -86,7 +87,11 @@ def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    # The fused kernel: 0.10 s instead of 0.54 s per step for SmolLM2-135M on 2 CPU cores
+    # (the default per-tensor loop was ~10 % of a quickstart step); same update up to rounding.
+    fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                            fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
     return opt, sched
 
@@ -268,9 +273,38 @@ def token_stats(cfg: TrainConfig, lm_head, teacher_head, h_NH, th_NH, batch: Bat
     return TokenStats(cat(ents), cat(divs), cat(tents) if th_NH is not None else None)
 
 
+# Padded length up to which `attention: auto` picks eager attention (see TrainConfig.attention).
+EAGER_MAX_LEN = 192
+
+
+@contextmanager
+def attention_kernel(model, cfg: TrainConfig, seq_len: int):
+    """Use the configured attention implementation for one forward + backward, restored
+    afterwards (with layer checkpointing the recompute in backward must use the forward's)."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    want = cfg.attention
+    if want == "auto":
+        want = "eager" if seq_len <= EAGER_MAX_LEN else "sdpa"
+    if current is None or current == want or current not in ("sdpa", "eager"):
+        yield  # a model without the switch, or a kernel the user chose (e.g. flash_attention_2)
+        return
+    config._attn_implementation = want
+    try:
+        yield
+    finally:
+        config._attn_implementation = current
+
+
 def micro_batch_loss(model, batch: Batch, cfg: TrainConfig, loss_scale: float, *,
                      teacher: LiveTeacher | None = None, progress: float = 0.0):
     """Forward + backward of one micro-batch; returns (loss sum, div_N, entropy_N, info)."""
+    with attention_kernel(model, cfg, batch.input_ids_BL.shape[1]):
+        return _micro_batch_loss(model, batch, cfg, loss_scale, teacher=teacher, progress=progress)
+
+
+def _micro_batch_loss(model, batch: Batch, cfg: TrainConfig, loss_scale: float, *,
+                      teacher: LiveTeacher | None, progress: float):
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
     th_NH, teacher_head = None, None
     if cfg.live_teacher:
@@ -331,6 +365,9 @@ class Trainer:
                  teacher_model: torch.nn.Module | None = None, teacher_batch_size: int = 32,
                  share_prefix: bool = True, dist=None):
         self.model = model
+        if cfg.activation_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            # recompute each decoder layer in backward: activations of one layer instead of all
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # opsd.training.distributed.DataParallel: this rank trains on its share of every batch
         self.dist = dist
         self.cfg = cfg
