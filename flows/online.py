@@ -56,7 +56,8 @@ def iteration_task(p: Pipeline, loop: OnlineLoop, iteration: int, policy: Policy
 
     trcfg = config_for_key(cfg.train)
     trcfg.update({"online": config_for_key(cfg.online, drop=("eval_every", "resume_every",
-                                                             "iterations")),
+                                                             "resume_min_interval_s", "iterations",
+                                                             "stop_at")),
                   "iteration": iteration,
                   # the LR schedule's length matters only for decaying schedules
                   "plan_steps": loop.plan_steps if cfg.train.schedule != "constant" else None})
@@ -151,18 +152,23 @@ def online_flow(
         policy, chain, curve = student, [], []
         before = evals["before"].manifest.get("greedy_macro")
         curve.append({"iteration": -1, "wall_seconds": 0.0, "greedy": before})
+        stop_at = cfg.online.stop_at
         for it in range(cfg.online.iterations):
             final = it == cfg.online.iterations - 1
             _, policy, ev = iteration_task(p, loop, it, policy, chain, final, t_start)
             if ev:
                 curve.append(ev)
+                if stop_at is not None and (ev["greedy"] or 0.0) >= stop_at:
+                    p.say(f"online: held-out compliance {ev['greedy'] * 100:.1f}% ≥ stop_at "
+                          f"{stop_at * 100:.1f}% after iteration {it}: stopping early")
+                    break
         policy = checkpoint_task(p, loop, chain)
         evals["after"] = evaluate_task(p, rows, data, policy, "evaluate/after", False, force)
-        curve.append({"iteration": cfg.online.iterations - 1,
+        curve.append({"iteration": len(chain) - 1,
                       "wall_seconds": time.perf_counter() - t_start,
                       "greedy": evals["after"].manifest.get("greedy_macro")})
         (p.layout.run_dir(p.run_id) / "curve.json").write_text(json.dumps(curve, indent=1))
-        extra = {"online.iterations": float(cfg.online.iterations)}
+        extra = {"online.iterations": float(len(chain))}
         if loop.res is not None:  # vLLM weight loads: in place vs engine rebuilds
             extra.update({f"online.engine_loads.{k}": float(v) for k, v in loop.res.engine_loads.items()})
         last = chain[-1]

@@ -92,7 +92,9 @@ class OnlineLoop:
         self.res: Resident | None = None
         self.pass_rates: dict[int, float | None] = {}
         chain = {
-            "online": config_for_key(self.cfg.online, drop=("eval_every", "resume_every", "iterations")),
+            "online": config_for_key(self.cfg.online, drop=("eval_every", "resume_every",
+                                                            "resume_min_interval_s", "iterations",
+                                                            "stop_at")),
             "rollout": config_for_key(self.cfg.rollout),
             "teacher": config_for_key(self.cfg.teacher, drop=("batch_size", "shard_size")),
             "train": config_for_key(self.cfg.train),
@@ -102,6 +104,7 @@ class OnlineLoop:
         self.chain_id = hashlib.sha256(canonical_json(chain).encode()).hexdigest()[:16]
         self.resume_dir = p.layout.tmp / f"online-{self.chain_id}" / "resume"
         self.plan_steps = self.cfg.online.iterations * self.cfg.online.steps_per_iteration
+        self._last_resume_save: float | None = None  # the first completed iteration always saves
 
     # ------------------------------------------------------------------ residency
 
@@ -109,18 +112,10 @@ class OnlineLoop:
         if self.res is not None:
             return self.res
         pool, cfg = self.p.pool, self.cfg
-        master = copy.deepcopy(pool.master(self.base))
         infer = copy.deepcopy(pool.inference(self.base, cfg.rollout.dtype))
-        trainer = Trainer(master, cfg.train, pool.tokenizer(self.base).pad_token_id,
-                          total_steps=self.plan_steps)
-        if cfg.rollout.backend == "vllm":
-            from opsd.backends import make_generator
-
-            generator = make_generator(cfg.rollout, pool, self.base)  # engine stays up across iterations
-        else:
-            generator = HFGenerator(infer, pool.tokenizer(self.base), batch_size=cfg.rollout.batch_size)
-        kind = cfg.teacher.kind
-        ema = None
+        # Teacher copies are made before the trainer takes the fp32 master over from the pool
+        # (no second fp32 copy is held; the pool reloads the base from disk if asked again).
+        kind, ema = cfg.teacher.kind, None
         if kind == "frozen":
             teacher_model = pool.inference(self.base, cfg.teacher.dtype)
         elif kind == "live":
@@ -130,6 +125,17 @@ class OnlineLoop:
             teacher_model = copy.deepcopy(pool.inference(self.base, cfg.teacher.dtype))
         else:
             teacher_model = pool.inference(self.external_teacher, cfg.teacher.dtype)
+        master = pool.take_master(self.base)
+        if teacher_model is master:  # an fp32 frozen teacher: the pool now holds a private copy
+            teacher_model = pool.inference(self.base, cfg.teacher.dtype)
+        trainer = Trainer(master, cfg.train, pool.tokenizer(self.base).pad_token_id,
+                          total_steps=self.plan_steps)
+        if cfg.rollout.backend == "vllm":
+            from opsd.backends import make_generator
+
+            generator = make_generator(cfg.rollout, pool, self.base)  # engine stays up across iterations
+        else:
+            generator = HFGenerator(infer, pool.tokenizer(self.base), batch_size=cfg.rollout.batch_size)
         if cfg.teacher.backend == "vllm":
             from opsd.backends import make_scorer
 
@@ -249,6 +255,11 @@ class OnlineLoop:
         every = self.cfg.online.resume_every
         if not every or (iteration + 1) % every:
             return
+        now = time.monotonic()
+        if self._last_resume_save is not None and \
+                now - self._last_resume_save < self.cfg.online.resume_min_interval_s:
+            return
+        self._last_resume_save = now
         res = self.res
         save_resume_point(self.resume_dir, res.master, res.trainer.opt, res.trainer.sched, {
             "state_key": res.state_key, "iteration": iteration, "step": res.trainer.state.step,

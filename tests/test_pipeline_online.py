@@ -73,6 +73,7 @@ def test_online_sigkill_resumes_after_last_completed_iteration(tiny_model_dir, t
     data = write_dataset(tmp_path / "data.jsonl")
     cfg = online_config(tiny_model_dir, data, iterations=5)
     cfg["online"]["eval_every"] = 0
+    cfg["online"]["resume_min_interval_s"] = 0  # a resume point after every iteration
     # Reference: one uninterrupted run in its own root.
     online_flow(config=cfg, root=str(tmp_path / "ref"), show_progress=False)
     reference = _final_weights(tmp_path / "ref")
@@ -111,3 +112,20 @@ def test_online_sigkill_resumes_after_last_completed_iteration(tiny_model_dir, t
     resumed_weights = _final_weights(root)
     for k, v in reference.items():
         torch.testing.assert_close(resumed_weights[k], v, atol=1e-5, rtol=1e-4)
+
+
+def test_online_stop_at_ends_at_the_first_evaluation_reaching_it(tiny_model_dir, tmp_path):
+    from flows.online import online_flow
+
+    data = write_dataset(tmp_path / "data.jsonl")
+    # compliance ≥ 0 holds at the first periodic evaluation (iteration 1 with eval_every=2)
+    cfg = online_config(tiny_model_dir, data, iterations=6, online={"stop_at": 0.0})
+    metrics = online_flow(config=cfg, root=str(tmp_path / "home"), show_progress=False)
+    cat = _cat(tmp_path / "home")
+    labels = [s["label"] for s in cat.stages(cat.runs()[-1]["run_id"])]
+    assert "train/001" in labels and "train/002" not in labels
+    assert labels[-2:] == ["checkpoint", "evaluate/after"]
+    assert metrics["online.iterations"] == 2.0
+    curve = json.loads((Layout.at(tmp_path / "home").run_dir(cat.runs()[-1]["run_id"])
+                        / "curve.json").read_text())
+    assert curve[-1]["iteration"] == 1
