@@ -79,9 +79,9 @@ class VocabTracker:
         from torch.utils._python_dispatch import TorchDispatchMode
 
         self.vocab = vocab
-        self.live: dict[int, list[int]] = {}
-        self.cur = 0
-        self.peak = 0
+        self.live: dict[int, list] = {}  # storage ptr -> [refs, bytes, is_fp32]
+        self.cur = self.cur32 = 0
+        self.peak = self.peak32 = 0
         self.count = 0
         tracker = self
 
@@ -105,10 +105,13 @@ class VocabTracker:
             if ptr in self.live:
                 self.live[ptr][0] += 1
             else:
-                self.live[ptr] = [1, st.nbytes()]
+                fp32 = t.dtype == torch.float32
+                self.live[ptr] = [1, st.nbytes(), fp32]
                 self.cur += st.nbytes()
+                self.cur32 += st.nbytes() if fp32 else 0
                 self.count += 1
                 self.peak = max(self.peak, self.cur)
+                self.peak32 = max(self.peak32, self.cur32)
             weakref.finalize(t, self._release, ptr)
 
     def _release(self, ptr: int) -> None:
@@ -118,6 +121,7 @@ class VocabTracker:
         entry[0] -= 1
         if entry[0] <= 0:
             self.cur -= entry[1]
+            self.cur32 -= entry[1] if entry[2] else 0
             del self.live[ptr]
 
     def __enter__(self):
@@ -228,6 +232,7 @@ def run_one(name: str, args) -> dict:
         "step_s": dt, "tok_s": n_tokens / dt, "loss_step1": loss1, "loss_step2": loss2,
         "base_rss_mib": base_rss / 1024, "peak_rss_mib": peak / 1024, "peak_rss_reset": reset,
         "peak_vocab_mib": tracker.peak / 2**20, "peak_vocab_blocks": tracker.peak / block,
+        "peak_fp32_vocab_blocks": tracker.peak32 / block,
         "vocab_tensors_created": tracker.count,
         "chunk_block_mib": block / 2**20,
         "full_logits_mib": args.batch * args.seq_len * vocab * 4 / 2**20,
@@ -309,20 +314,21 @@ def markdown(data: dict) -> str:
         f"`[B, T, V]` logits tensor would be {first.get('full_logits_mib', 0):.0f} MiB.",
         "",
         "| divergence | step s | tokens/s | RSS before step | peak RSS in step | peak vocab-sized MiB | "
-        "`[C,V]` blocks |",
-        "|---|---|---|---|---|---|---|",
+        "`[C,V]` blocks | of which fp32 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['divergence']} | failed: {r['error'].strip().splitlines()[-1][:80]} | | | | | |")
+            lines.append(f"| {r['divergence']} | failed: {r['error'].strip().splitlines()[-1][:80]} | | | | | | |")
             continue
         lines.append(f"| {r['divergence']} | {r['step_s']:.1f} | {r['tok_s']:.0f} | {r['base_rss_mib']:.0f} MiB | "
-                     f"{r['peak_rss_mib']:.0f} MiB | {r['peak_vocab_mib']:.0f} | {r['peak_vocab_blocks']:.2f} |")
+                     f"{r['peak_rss_mib']:.0f} MiB | {r['peak_vocab_mib']:.0f} | {r['peak_vocab_blocks']:.2f} | "
+                     f"{r.get('peak_fp32_vocab_blocks', float('nan')):.2f} |")
     return "\n".join(lines)
 
 
 HEADER = (f"{'divergence':<30} {'step s':>7} {'tok/s':>7} {'base RSS':>9} {'peak RSS':>9} "
-          f"{'vocab MiB':>10} {'[C,V] blocks':>12} {'[B,T,V] MiB':>11}")
+          f"{'vocab MiB':>10} {'[C,V] blocks':>12} {'fp32':>5} {'[B,T,V] MiB':>11}")
 
 
 def _row(r: dict) -> str:
@@ -333,7 +339,7 @@ def _row(r: dict) -> str:
         return f"{r['divergence']:<30} FAILED: {r['error'].splitlines()[-1] if r['error'] else '?'}"
     return (f"{r['divergence']:<30} {r['step_s']:7.1f} {r['tok_s']:7.0f} {r['base_rss_mib']:8.0f}M "
             f"{r['peak_rss_mib']:8.0f}M {r['peak_vocab_mib']:10.0f} {r['peak_vocab_blocks']:12.2f} "
-            f"{r['full_logits_mib']:11.0f}")
+            f"{r.get('peak_fp32_vocab_blocks', float('nan')):5.2f} {r['full_logits_mib']:11.0f}")
 
 
 if __name__ == "__main__":

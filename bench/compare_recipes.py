@@ -41,7 +41,7 @@ RECIPES = ["quickstart", "lightning-opd", "opsd", "pw-opsd", "tip", "srpo", "sco
            "vopd", "trace", "grpo", "sft"]
 
 
-def run_recipe(name: str, root: str, overrides: list[str]) -> dict:
+def run_recipe(name: str, root: str, overrides: list[str], tag: str = "") -> dict:
     from flows.offline import offline_flow
     from opsd.config import load_config
     from opsd.pipeline import new_run_id
@@ -57,16 +57,26 @@ def run_recipe(name: str, root: str, overrides: list[str]) -> dict:
     layout = Layout.at(root)
     cat = Catalog(layout.catalog, layout.artifacts)
     stages = cat.stages(run_id)
+    # compute time of every stage the recipe needs, as measured by the run that computed it
+    # (stages shared with an earlier recipe count for each recipe: the cost from scratch)
+    compute_s = 0.0
+    for s in stages:
+        if s["label"] == "dataset":
+            continue
+        _, rows = cat.query("SELECT seconds FROM stages WHERE key=? AND NOT cached AND "
+                            "status='completed' ORDER BY started_at LIMIT 1", [s["key"]])
+        compute_s += float(rows[0][0]) if rows else float(s["seconds"] or 0.0)
     train = next((s for s in stages if s["label"] == "train"), None)
     man = (cat.artifact(train["key"]) or {}).get("manifest", {}) if train else {}
     after = {k.rsplit(".", 1)[-1]: v for k, v in metrics.items() if k.startswith("eval.after.greedy.")}
     return {
-        "recipe": name, "run_id": run_id, "objective": cfg.train.objective,
+        "recipe": name + tag, "run_id": run_id, "overrides": overrides,
+        "objective": cfg.train.objective,
         "before": metrics.get("eval.before.greedy"), "after": metrics.get("eval.after.greedy"),
         "teacher": metrics.get("eval.teacher.greedy"), "after_by_task": after,
         "retention_logprob_delta": metrics.get("retention.logprob_delta"),
         "retention_exact_match": metrics.get("retention.exact_match"),
-        "wall_s": wall, "pipeline_wall_s": metrics.get("wall_seconds"),
+        "wall_s": wall, "pipeline_wall_s": metrics.get("wall_seconds"), "compute_s": compute_s,
         "stages_run": [s["label"] for s in stages if not s["cached"]],
         "train_s": man.get("seconds"), "tokens_trained": man.get("tokens_trained"),
         "steps": man.get("steps"), "final_loss": man.get("final_loss"),
@@ -89,7 +99,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"{meta.get('torch', '?')}); command: `{meta['command']}`.",
         "",
         "| recipe | before | after | teacher (PI) | retention Δ log-lik | retention exact | "
-        "wall s | train s | tokens trained |",
+        "compute s | train s | tokens trained |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -99,7 +109,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         lines.append(
             f"| {r['recipe']} | {_pct(r['before'])} | **{_pct(r['after'])}** | {_pct(r['teacher'])} | "
             f"{_num(r['retention_logprob_delta'], '{:+.3f}')} | {_pct(r['retention_exact_match'])} | "
-            f"{_num(r['wall_s'])} | {_num(r['train_s'])} | {_num(r['tokens_trained'])} |")
+            f"{_num(r.get('compute_s', r['wall_s']))} | {_num(r['train_s'])} | {_num(r['tokens_trained'])} |")
     if tasks:
         lines += ["", "Held-out greedy compliance after training, per rule:", "",
                   "| recipe | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
@@ -112,8 +122,9 @@ def markdown(results: list[dict], meta: dict) -> str:
               "demonstrations in context. Retention: the trained student's mean per-token "
               "log-likelihood of the base model's greedy replies to 32 rule-free questions minus "
               "the base model's own, and the share of those questions where its greedy reply is "
-              "token-identical. `wall s` is the whole run, including any shared stage it was the "
-              "first to compute (see `stages_run` in the JSON)."]
+              "token-identical. `compute s`: the seconds of every stage the recipe needs (evaluations "
+              "included, dataset excluded) as measured by the run that computed it — stages shared "
+              "by several recipes (rollouts, teacher targets, base evaluations) count for each."]
     return "\n".join(lines)
 
 
@@ -125,6 +136,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "recipes.json"))
     ap.add_argument("--docs", default=str(ROOT / "docs" / "recipes.md"))
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix for the recipe names in the results, for a "
+                    "variant run with --set (e.g. '[clip=none]')")
     ap.add_argument("--merge", action="store_true",
                     help="keep the results of other recipes already in --out (run the set in parts)")
     args = ap.parse_args()
@@ -140,18 +153,19 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     if args.merge and out.exists():
-        results = [r for r in json.loads(out.read_text())["results"] if r["recipe"] not in args.recipes]
+        mine = {n + args.tag for n in args.recipes}
+        results = [r for r in json.loads(out.read_text())["results"] if r["recipe"] not in mine]
     order = {n: i for i, n in enumerate(RECIPES)}
     for name in args.recipes:
         t0 = time.perf_counter()
         try:
             # every recipe enables retention; the quickstart does not, so switch it on for all
-            res = run_recipe(name, args.root, ["retention.enabled=true", *args.overrides])
+            res = run_recipe(name, args.root, ["retention.enabled=true", *args.overrides], args.tag)
         except Exception as err:  # keep going: one broken recipe must not hide the others
-            res = {"recipe": name, "error": f"{type(err).__name__}: {err}\n{traceback.format_exc()[-3000:]}",
+            res = {"recipe": name + args.tag, "error": f"{type(err).__name__}: {err}\n{traceback.format_exc()[-3000:]}",
                    "wall_s": time.perf_counter() - t0}
         results.append(res)
-        results.sort(key=lambda r: order.get(r["recipe"], len(order)))
+        results.sort(key=lambda r: (order.get(r["recipe"].split("[")[0], len(order)), r["recipe"]))
         out.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
         if not args.no_docs:  # after every recipe: a long comparison shows its progress
             write_section(Path(args.docs), "recipes:results", markdown(results, meta),
