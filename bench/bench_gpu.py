@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 # dense bf16 tensor-core peak, TFLOP/s (vendor datasheets, no sparsity)
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
@@ -71,6 +72,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--peak-tflops", type=float, help="device dense bf16 peak (default: by GPU name)")
+    ap.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra TrainConfig field, e.g. --train activation_checkpointing=true")
     ap.add_argument("--out", type=Path, default=Path("bench/results/gpu.json"))
     args = ap.parse_args(argv)
 
@@ -88,7 +91,7 @@ def main(argv=None) -> dict:
     cfg = TrainConfig.model_validate({
         "objective": "forward_kl_topk", "batch_size": args.batch, "micro_batch_size": args.micro_batch,
         "lr": 1e-5, "autocast": "bfloat16", "logit_chunk": 1024,
-        "save_every": 0})
+        "save_every": 0, **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.train)}})
     examples = synthetic_examples(args.batch, args.prompt_len, args.response_len, cfg_m.vocab_size,
                                   args.topk)
     # bf16 autocast on the model's device (the loop moves each micro-batch there)
@@ -121,6 +124,7 @@ def main(argv=None) -> dict:
         "tokens_per_s": tokens_all / step_s, "achieved_tflops": achieved / 1e12,
         "peak_bf16_tflops": peak, "mfu": achieved / (peak * 1e12) if peak else None,
         "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+        "train_overrides": args.train, "micro_batch": args.micro_batch, "step_times": times,
     }
     print(json.dumps(res, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)

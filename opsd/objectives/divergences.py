@@ -29,6 +29,17 @@ import torch
 _LN2 = math.log(2.0)
 
 
+_ROWS = 32  # row sub-chunk of the row-wise loops on CPU: a [32, V] temporary at most
+
+
+def _rows(x: torch.Tensor) -> int:
+    """Rows per sub-chunk of the row-wise loops below. On CPU ``_ROWS``: the [rows, V]
+    temporaries stay small and cache-resident. On an accelerator the whole block at once: the
+    block is already bounded by ``train.logit_chunk``, and 32-row pieces turned one chunk into
+    thousands of kernel launches (an H100 spent 80 % of a step's CPU time launching them)."""
+    return _ROWS if x.device.type == "cpu" else max(1, x.shape[0])
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """``log(1 - exp(x))`` for ``x <= 0``, accurate near 0 and near -inf (Mächler 2012).
     ``x`` is kept below ``-eps`` of its dtype (the rest mass of a support that covers
@@ -196,10 +207,10 @@ class _GeneralizedJSD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s_NV, t_NV, beta, clip, clip_mode):
-        # Row sub-chunks: the elementwise temporaries are [_ROWS, V], never [N, V].
-        parts = []
-        for i in range(0, s_NV.shape[0], _ROWS):
-            terms = _GeneralizedJSD._terms(s_NV[i : i + _ROWS], t_NV[i : i + _ROWS], beta)
+        # Row sub-chunks: the elementwise temporaries are [rows, V], never [N, V] (on CPU).
+        parts, r = [], _rows(s_NV)
+        for i in range(0, s_NV.shape[0], r):
+            terms = _GeneralizedJSD._terms(s_NV[i : i + r], t_NV[i : i + r], beta)
             if clip is not None and clip_mode == "element":
                 terms.clamp_(max=clip)
             parts.append(terms.sum(-1))
@@ -214,9 +225,9 @@ class _GeneralizedJSD(torch.autograd.Function):
     def backward(ctx, grad_N):
         s_NV, t_NV, loss_N = ctx.saved_tensors
         beta, clip, mode = ctx.beta, ctx.clip, ctx.clip_mode
-        g_NV = torch.empty_like(s_NV)
-        for i in range(0, s_NV.shape[0], _ROWS):
-            s, t, g = s_NV[i : i + _ROWS], t_NV[i : i + _ROWS], g_NV[i : i + _ROWS]
+        g_NV, r = torch.empty_like(s_NV), _rows(s_NV)
+        for i in range(0, s_NV.shape[0], r):
+            s, t, g = s_NV[i : i + r], t_NV[i : i + r], g_NV[i : i + r]
             if beta == 0.0:
                 torch.neg(t.exp(), out=g)
             elif beta == 1.0:
@@ -226,14 +237,14 @@ class _GeneralizedJSD(torch.autograd.Function):
                 torch.mul(lm.mul_(s.exp()), 1.0 - beta, out=g)
             if clip is not None and mode == "element":
                 g.masked_fill_(_GeneralizedJSD._terms(s, t, beta) > clip, 0.0)
-            g.mul_(grad_N[i : i + _ROWS, None])
+            g.mul_(grad_N[i : i + r, None])
             if clip is not None and mode == "token":
-                g.masked_fill_((loss_N[i : i + _ROWS] >= clip)[:, None], 0.0)
+                g.masked_fill_((loss_N[i : i + r] >= clip)[:, None], 0.0)
         return g_NV, None, None, None, None
 
 
 class _LogSoftmaxRows(torch.autograd.Function):
-    """``log_softmax`` whose backward, ``g - softmax · Σ g``, runs ``_ROWS`` rows at a time into
+    """``log_softmax`` whose backward, ``g - softmax · Σ g``, runs a row sub-chunk at a time into
     one output block (autograd's keeps two ``[N, V]`` temporaries)."""
 
     @staticmethod
@@ -245,10 +256,10 @@ class _LogSoftmaxRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_NV):
         (s_NV,) = ctx.saved_tensors
-        out = torch.empty_like(g_NV)
-        for i in range(0, s_NV.shape[0], _ROWS):
-            g = g_NV[i : i + _ROWS]
-            torch.sub(g, s_NV[i : i + _ROWS].exp().mul_(g.sum(-1, keepdim=True)), out=out[i : i + _ROWS])
+        out, r = torch.empty_like(g_NV), _rows(g_NV)
+        for i in range(0, s_NV.shape[0], r):
+            g = g_NV[i : i + r]
+            torch.sub(g, s_NV[i : i + r].exp().mul_(g.sum(-1, keepdim=True)), out=out[i : i + r])
         return out
 
 
@@ -358,12 +369,10 @@ def sampled_nll(logp_NV: torch.Tensor, token_N: torch.Tensor) -> tuple[torch.Ten
     return loss_N, loss_N.detach()
 
 
-_ROWS = 32  # row sub-chunk of the no-grad reductions below: a [32, V] temporary at most
-
-
 def _rowwise_logsumexp(z_NV: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([torch.logsumexp(z_NV[i : i + _ROWS], dim=-1) for i in range(0, z_NV.shape[0], _ROWS)]) \
+        r = _rows(z_NV)
+        return torch.cat([torch.logsumexp(z_NV[i : i + r], dim=-1) for i in range(0, z_NV.shape[0], r)]) \
             if z_NV.shape[0] else z_NV.new_zeros(0)
 
 
@@ -405,15 +414,15 @@ def gathered_log_softmax(z_NV: torch.Tensor, idx_NG: torch.Tensor, inplace: bool
 
 
 def entropy_from_logits(z_NV: torch.Tensor, lse_N: torch.Tensor | None = None) -> torch.Tensor:
-    """``H = lse - Σ_v softmax(z)_v z_v`` per row (detached), ``_ROWS`` rows at a time."""
+    """``H = lse - Σ_v softmax(z)_v z_v`` per row (detached), a row sub-chunk at a time."""
     with torch.no_grad():
         if lse_N is None:
             lse_N = _rowwise_logsumexp(z_NV)
-        out = []
-        for i in range(0, z_NV.shape[0], _ROWS):
-            z = z_NV[i : i + _ROWS]
-            p = (z - lse_N[i : i + _ROWS, None]).exp_()
-            out.append(lse_N[i : i + _ROWS] - torch.linalg.vecdot(p, z))
+        out, r = [], _rows(z_NV)
+        for i in range(0, z_NV.shape[0], r):
+            z = z_NV[i : i + r]
+            p = (z - lse_N[i : i + r, None]).exp_()
+            out.append(lse_N[i : i + r] - torch.linalg.vecdot(p, z))
         return torch.cat(out) if out else z_NV.new_zeros(0)
 
 

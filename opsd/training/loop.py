@@ -157,17 +157,19 @@ class StudentRows:
 
     def __init__(self, z_CV, token_C, topk_ids_CK, student_ids_CK=None, full: bool = False,
                  inplace: bool = True):
-        self.entropy_C = D.entropy_from_logits(z_CV)
         self.student_ids_CK = student_ids_CK
         self.full_CV = None
         if full:
+            self.entropy_C = D.entropy_from_logits(z_CV)
             self.full_CV = D.log_softmax_rows(z_CV)
             g = lambda ids: self.full_CV.gather(-1, ids.long())  # noqa: E731
             self.token_C, self.topk_CK = g(token_C[:, None]).squeeze(-1), g(topk_ids_CK)
             self.student_CK = g(student_ids_CK) if student_ids_CK is not None else None
             return
         parts = [token_C[:, None], topk_ids_CK] + ([student_ids_CK] if student_ids_CK is not None else [])
-        lp_CG, _ = D.gathered_log_softmax(z_CV, torch.cat([x.long() for x in parts], -1), inplace)
+        lp_CG, lse_C = D.gathered_log_softmax(z_CV, torch.cat([x.long() for x in parts], -1), inplace)
+        # the forward leaves z intact (only the backward consumes it): share its log-sum-exp
+        self.entropy_C = D.entropy_from_logits(z_CV, lse_C)
         k = topk_ids_CK.shape[-1]
         self.token_C, self.topk_CK = lp_CG[:, 0], lp_CG[:, 1 : 1 + k]
         self.student_CK = lp_CG[:, 1 + k :] if student_ids_CK is not None else None
