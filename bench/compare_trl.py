@@ -288,9 +288,16 @@ def sec_per_step(r: dict) -> float | None:
 
 def markdown(results: dict, meta: dict) -> str:
     trl = results.get("trl")
+    cmds: dict[str, list[str]] = {}
+    for name in PARTS:
+        r = results.get(name)
+        if r:
+            key = f"`{r.get('command', meta.get('command', '?'))}` (finished {r.get('finished', '?')})"
+            cmds.setdefault(key, []).append(name)
     lines = [
-        f"Command: `{meta['command']}` — {meta['machine']}, {meta['date']}; each part in its own "
-        "process, one after another, nothing else heavy running.", "",
+        f"{meta.get('machine', '')}, {meta.get('date', '')}; each part in its own process, one after "
+        "another, nothing else running. Commands: " + "; ".join(
+            f"{', '.join(names)}: {cmd}" for cmd, names in cmds.items()) + ".", "",
         "| run | compliance before → after (teacher) | steps | s / step | wall to ≥ 31/32 | "
         "wall total (no evals) | peak RSS |", "|---|---|---|---|---|---|---|"]
     for name in PARTS:
@@ -341,6 +348,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "trl.json"))
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--render", action="store_true", help="only rewrite the docs table from --out")
     ap.add_argument("--child", choices=PARTS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -352,7 +360,7 @@ def main(argv=None) -> None:
         args.root = tempfile.mkdtemp(prefix="opsd-trl-")
     out = Path(args.out)
     results = json.loads(out.read_text())["results"] if out.exists() else {}
-    for part in args.parts:
+    for part in [] if args.render else args.parts:
         print(f"\n=== {part} ===", flush=True)
         # a storage root per part: no part may reuse another's rollouts or targets
         cmd = [sys.executable, "-m", "bench.compare_trl", "--child", part,
@@ -369,9 +377,10 @@ def main(argv=None) -> None:
         if proc.wait() != 0 or res is None:
             print(f"{part}: FAILED (exit {proc.returncode})", flush=True)
             continue
+        res["command"] = "python -m bench.compare_trl " + " ".join(sys.argv[1:] if argv is None else argv)
+        res["finished"] = time.strftime("%Y-%m-%d %H:%M")
         results[part] = res
-        meta = {"command": "python -m bench.compare_trl " + " ".join(sys.argv[1:] if argv is None else argv),
-                "machine": f"{platform.node()} {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d")}
+        meta = {"machine": f"{platform.node()} {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d")}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     meta = json.loads(out.read_text())["meta"] if out.exists() else {}
