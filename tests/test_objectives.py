@@ -324,3 +324,24 @@ def test_log_softmax_rows_gradient():
         D.generalized_jsd(D.log_softmax_rows(x1), lt, beta, clip=0.02)[0].sum().backward()
         D.generalized_jsd_reference(x2.log_softmax(-1), lt, beta, clip=0.02).sum().backward()
         torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("beta,clip,mode", [(0.0, None, "element"), (0.5, None, "element"),
+                                            (1.0, None, "element"), (0.5, 0.05, "element"),
+                                            (0.0, 0.3, "token")])
+def test_inplace_jsd_backward_equals_the_copying_one(beta, clip, mode):
+    """The training loop's in-place path (gradient written into the teacher's block, the
+    log-softmax backward over its incoming gradient) gives the same gradient as the copying one."""
+    torch.manual_seed(0)
+    z = torch.randn(37, 50, dtype=torch.float64)
+    t = torch.randn(37, 50, dtype=torch.float64).log_softmax(-1)
+    w = torch.rand(37, dtype=torch.float64)
+    grads = []
+    for inplace in (False, True):
+        zz = z.clone().requires_grad_(True)
+        tt = t.clone()  # the in-place path consumes its teacher block
+        s = D.log_softmax_rows(zz, inplace=inplace)
+        loss, _ = D.generalized_jsd(s, tt, beta, clip=clip, clip_mode=mode, inplace=inplace)
+        (loss * w).sum().backward()
+        grads.append(zz.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)

@@ -206,7 +206,7 @@ class _GeneralizedJSD(torch.autograd.Function):
         return e.add_(log_m, alpha=1.0 - beta)
 
     @staticmethod
-    def forward(ctx, s_NV, t_NV, beta, clip, clip_mode):
+    def forward(ctx, s_NV, t_NV, beta, clip, clip_mode, inplace=False):
         # Row sub-chunks: the elementwise temporaries are [rows, V], never [N, V] (on CPU).
         parts, r = [], _rows(s_NV)
         for i in range(0, s_NV.shape[0], r):
@@ -218,16 +218,20 @@ class _GeneralizedJSD(torch.autograd.Function):
         if clip is not None and clip_mode == "token":
             loss_N = loss_N.clamp(max=clip)
         ctx.save_for_backward(s_NV, t_NV, loss_N)
-        ctx.beta, ctx.clip, ctx.clip_mode = beta, clip, clip_mode
+        ctx.beta, ctx.clip, ctx.clip_mode, ctx.inplace = beta, clip, clip_mode, inplace
         return loss_N
 
     @staticmethod
     def backward(ctx, grad_N):
         s_NV, t_NV, loss_N = ctx.saved_tensors
         beta, clip, mode = ctx.beta, ctx.clip, ctx.clip_mode
-        g_NV, r = torch.empty_like(s_NV), _rows(s_NV)
+        # inplace (the training loop): the teacher's block is consumed, the gradient is written
+        # into it row chunk by row chunk (each chunk reads its own t rows first) — no third block
+        g_NV, r = (t_NV if ctx.inplace else torch.empty_like(s_NV)), _rows(s_NV)
         for i in range(0, s_NV.shape[0], r):
             s, t, g = s_NV[i : i + r], t_NV[i : i + r], g_NV[i : i + r]
+            mask = (_GeneralizedJSD._terms(s, t, beta) > clip) \
+                if clip is not None and mode == "element" else None
             if beta == 0.0:
                 torch.neg(t.exp(), out=g)
             elif beta == 1.0:
@@ -235,12 +239,12 @@ class _GeneralizedJSD(torch.autograd.Function):
             else:
                 lm = _log_mixture(s, t, beta).neg_().add_(s)  # log S - log M
                 torch.mul(lm.mul_(s.exp()), 1.0 - beta, out=g)
-            if clip is not None and mode == "element":
-                g.masked_fill_(_GeneralizedJSD._terms(s, t, beta) > clip, 0.0)
+            if mask is not None:
+                g.masked_fill_(mask, 0.0)
             g.mul_(grad_N[i : i + r, None])
             if clip is not None and mode == "token":
                 g.masked_fill_((loss_N[i : i + r] >= clip)[:, None], 0.0)
-        return g_NV, None, None, None, None
+        return g_NV, None, None, None, None, None
 
 
 class _LogSoftmaxRows(torch.autograd.Function):
@@ -248,24 +252,28 @@ class _LogSoftmaxRows(torch.autograd.Function):
     one output block (autograd's keeps two ``[N, V]`` temporaries)."""
 
     @staticmethod
-    def forward(ctx, z_NV):
+    def forward(ctx, z_NV, inplace=False):
         out = z_NV.log_softmax(-1)
         ctx.save_for_backward(out)
+        ctx.inplace = inplace
         return out
 
     @staticmethod
     def backward(ctx, g_NV):
         (s_NV,) = ctx.saved_tensors
-        out, r = torch.empty_like(g_NV), _rows(g_NV)
+        # inplace (the training loop, where the incoming gradient is a block of its own): write
+        # the result over it, one row chunk after the other
+        out, r = (g_NV if ctx.inplace else torch.empty_like(g_NV)), _rows(g_NV)
         for i in range(0, s_NV.shape[0], r):
             g = g_NV[i : i + r]
             torch.sub(g, s_NV[i : i + r].exp().mul_(g.sum(-1, keepdim=True)), out=out[i : i + r])
-        return out
+        return out, None
 
 
-def log_softmax_rows(z_NV: torch.Tensor) -> torch.Tensor:
-    """``z.log_softmax(-1)`` with a row-chunked backward (see :class:`_LogSoftmaxRows`)."""
-    return _LogSoftmaxRows.apply(z_NV)
+def log_softmax_rows(z_NV: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``z.log_softmax(-1)`` with a row-chunked backward (see :class:`_LogSoftmaxRows`);
+    ``inplace``: the backward overwrites its incoming gradient (one backward, a private block)."""
+    return _LogSoftmaxRows.apply(z_NV, inplace)
 
 
 def generalized_jsd(
@@ -275,6 +283,7 @@ def generalized_jsd(
     *,
     clip: float | None = None,
     clip_mode: str = "element",
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-vocabulary generalized Jensen–Shannon divergence JSD(β) of GKD (Agarwal et al. 2024,
     "On-Policy Distillation of Language Models", Eq. 1), for a live teacher.
@@ -285,9 +294,11 @@ def generalized_jsd(
     ``teacher_logp_NV`` carries no gradient. Call it on ``[chunk, V]`` blocks: the gradient
     is closed-form (:class:`_GeneralizedJSD`), so the block's working set stays small;
     :func:`generalized_jsd_reference` is the plain-autograd version it is tested against.
+    ``inplace`` (the training loop): the backward writes the gradient into the teacher's block,
+    which must then be a block of the caller's own that nothing reads afterwards.
     """
     t_NV = teacher_logp_NV.to(logp_NV.dtype).detach()
-    loss_N = _GeneralizedJSD.apply(logp_NV, t_NV, float(beta), clip, clip_mode)
+    loss_N = _GeneralizedJSD.apply(logp_NV, t_NV, float(beta), clip, clip_mode, inplace)
     return loss_N, loss_N.detach()
 
 

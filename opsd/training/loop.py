@@ -161,7 +161,7 @@ class StudentRows:
         self.full_CV = None
         if full:
             self.entropy_C = D.entropy_from_logits(z_CV)
-            self.full_CV = D.log_softmax_rows(z_CV)
+            self.full_CV = D.log_softmax_rows(z_CV, inplace=inplace)
             g = lambda ids: self.full_CV.gather(-1, ids.long())  # noqa: E731
             self.token_C, self.topk_CK = g(token_C[:, None]).squeeze(-1), g(topk_ids_CK)
             self.student_CK = g(student_ids_CK) if student_ids_CK is not None else None
@@ -185,7 +185,7 @@ def _student_rows(cfg: TrainConfig, z_CV, token_C, topk_ids_CK, main: bool, inpl
 
 
 def main_divergence(cfg: TrainConfig, rows: StudentRows, t_logp_CV, teacher_C, behaviour_C,
-                    topk_logp_CK, tail_C):
+                    topk_logp_CK, tail_C, inplace: bool = False):
     """``(loss_C, div_C)`` of ``cfg.objective`` on one chunk (see opsd.objectives.divergences)."""
     d, obj = cfg.divergence, cfg.objective
     if obj in ("forward_kl_topk", "reverse_kl_topk"):
@@ -205,7 +205,9 @@ def main_divergence(cfg: TrainConfig, rows: StudentRows, t_logp_CV, teacher_C, b
                                              reward_scale=cfg.advantage.reward_scale,
                                              baseline_N=baseline_C, clip=d.clip)
     if obj == "jsd":
-        return D.generalized_jsd(rows.full_CV, t_logp_CV, d.jsd_beta, clip=d.clip, clip_mode=d.clip_mode)
+        # inplace: the chunk's teacher block is recomputed per chunk and read by nothing else
+        return D.generalized_jsd(rows.full_CV, t_logp_CV, d.jsd_beta, clip=d.clip,
+                                 clip_mode=d.clip_mode, inplace=inplace)
     if obj == "nll":
         return -rows.token_C, -rows.token_C.detach()
     raise ValueError(f"objective {obj!r} has no divergence")  # 'none' never reaches here
@@ -219,13 +221,14 @@ def _chunk_loss(cfg: TrainConfig, lm_head, teacher_head):
     def fn(h_CH, th_CH, token_C, teacher_C, behaviour_C, topk_ids_CK, topk_logp_CK, tail_C,
            distill_C, fkl_C, rkl_C, pg_C):
         z_CV = _student_logits(lm_head, h_CH, T)
-        t_logp_CV = _teacher_logp(teacher_head, th_CH, T) if th_CH is not None else None
         rows = _student_rows(cfg, z_CV, token_C, topk_ids_CK, main=distill_C is not None)
         del z_CV  # owned by the rows (or freed once the full log-probs exist)
+        # the teacher's block only now: never three [C, V] blocks (logits, log-probs, teacher)
+        t_logp_CV = _teacher_logp(teacher_head, th_CH, T) if th_CH is not None else None
         total = rows.token_C.new_zeros(())
         if distill_C is not None:
             loss_C, div_C = main_divergence(cfg, rows, t_logp_CV, teacher_C, behaviour_C,
-                                            topk_logp_CK, tail_C)
+                                            topk_logp_CK, tail_C, inplace=True)
             total = total + (loss_C * distill_C).sum()
         else:
             div_C = rows.token_C.detach() - teacher_C  # sampled k1 estimate, for logging
