@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 
 from opsd import steps
 from opsd.config import config_from_dict
-from opsd.online import OnlineLoop, iteration_prompts
+from opsd.online import RUN_ONLY_ONLINE_KEYS, OnlineLoop, iteration_prompts
 from opsd.pipeline import Pipeline, config_for_key
 from opsd.pool import Policy
 from opsd.reporting import finish_report
@@ -55,9 +55,7 @@ def iteration_task(p: Pipeline, loop: OnlineLoop, iteration: int, policy: Policy
     loop.observe(iteration, rollouts)
 
     trcfg = config_for_key(cfg.train)
-    trcfg.update({"online": config_for_key(cfg.online, drop=("eval_every", "resume_every",
-                                                             "resume_min_interval_s", "iterations",
-                                                             "stop_at")),
+    trcfg.update({"online": config_for_key(cfg.online, drop=RUN_ONLY_ONLINE_KEYS),
                   "iteration": iteration,
                   # the LR schedule's length matters only for decaying schedules
                   "plan_steps": loop.plan_steps if cfg.train.schedule != "constant" else None})

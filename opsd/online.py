@@ -81,6 +81,11 @@ class Resident:
     engine_loads: dict[str, int] = field(default_factory=dict)
 
 
+# online.* keys that change how long or how safely a run goes, not what an iteration computes:
+# left out of the content keys of the chain and of each iteration's train stage.
+RUN_ONLY_ONLINE_KEYS = ("eval_every", "resume_every", "resume_min_interval_s", "iterations", "stop_at")
+
+
 class OnlineLoop:
     def __init__(self, p: Pipeline, rows: list[Row], data: Artifact, student: Policy, teacher: Policy):
         self.p, self.cfg = p, p.cfg
@@ -92,9 +97,7 @@ class OnlineLoop:
         self.res: Resident | None = None
         self.pass_rates: dict[int, float | None] = {}
         chain = {
-            "online": config_for_key(self.cfg.online, drop=("eval_every", "resume_every",
-                                                            "resume_min_interval_s", "iterations",
-                                                            "stop_at")),
+            "online": config_for_key(self.cfg.online, drop=RUN_ONLY_ONLINE_KEYS),
             "rollout": config_for_key(self.cfg.rollout),
             "teacher": config_for_key(self.cfg.teacher, drop=("batch_size", "shard_size")),
             "train": config_for_key(self.cfg.train),

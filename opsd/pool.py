@@ -9,7 +9,6 @@ between stages or iterations.
 from __future__ import annotations
 
 import copy
-
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +65,7 @@ class ModelPool:
         model = self.master(policy)
         for k, m in list(self.copies.items()):
             if m is model:
-                self.copies[k] = cast_for_inference(copy.deepcopy(model), DTYPES[k[1]])
+                self.copies[k] = copy.deepcopy(model)  # same dtype as the master: a plain copy
         del self.masters[policy.key]
         return model
 
