@@ -22,6 +22,15 @@ def pytest_configure(config):
 
     home = Path(tempfile.mkdtemp(prefix="opsd-prefect-home-"))
     os.environ.setdefault("PREFECT_HOME", str(home))
+    config._opsd_prefect_home = home
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    home = getattr(config, "_opsd_prefect_home", None)
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ The full sweep (many kills per stage, table in docs/reliability.md) is
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from bench import fault_injection as fi
@@ -18,7 +20,8 @@ def reference(tmp_path_factory, tiny_model_dir):
     base = tmp_path_factory.mktemp("faults-ref")
     cfg = fi.make_fixture(base, tiny_model_dir)
     offline_flow(config=cfg, root=str(base / "home"), show_progress=False)
-    return fi.outputs(base / "home")
+    yield fi.outputs(base / "home")
+    shutil.rmtree(base, ignore_errors=True)  # small CI disks
 
 
 @pytest.mark.timeout(900)

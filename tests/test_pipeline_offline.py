@@ -4,6 +4,7 @@ real DuckDB catalog, the real MLflow SQLite store and the Parquet artifacts."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -53,7 +54,8 @@ def pipeline_run(tiny_model_dir, tmp_path_factory):
     cfg = tiny_config(tiny_model_dir, data)
     root = base / "home"
     metrics = offline_flow(config=cfg, root=str(root), show_progress=False)
-    return {"root": root, "cfg": cfg, "metrics": metrics, "base": base}
+    yield {"root": root, "cfg": cfg, "metrics": metrics, "base": base}
+    shutil.rmtree(base, ignore_errors=True)  # small CI disks
 
 
 def _catalog(root: Path) -> Catalog:

@@ -8,6 +8,8 @@ to be identical (bitwise) to a plain in-process run of the stage functions.
 
 from __future__ import annotations
 
+import shutil
+
 import os
 import sys
 import types
@@ -170,7 +172,8 @@ def inline_reference(tiny_model_dir, tmp_path_factory):
     tctx = StageContext(out_dir=base / "teacher", pool=pool, show_progress=False)
     tman = teacher_stage.run(cfg.teacher, rows, Artifact("r", rctx.out_dir), teacher, tctx)
     assert rman["shards"]["total"] == 4 and tman["shards"]["total"] == 6
-    return read_table(rctx.out_dir), read_table(tctx.out_dir)
+    yield read_table(rctx.out_dir), read_table(tctx.out_dir)
+    shutil.rmtree(base, ignore_errors=True)  # small CI disks
 
 
 @pytest.mark.timeout(300)

@@ -8,6 +8,7 @@ trains two optimiser steps on the same artifacts.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,9 @@ def artifacts(tiny_model_dir, tmp_path_factory):
     rollouts = Artifact("rk", base / "rollout")
     teacher_stage.run(cfg.teacher, rows, rollouts, policy, ctx("teacher"))
     targets = Artifact("tk", base / "teacher")
-    return {"rows": rows, "rollouts": rollouts, "targets": targets, "policy": policy, "pool": pool,
-            "base": base}
+    yield {"rows": rows, "rollouts": rollouts, "targets": targets, "policy": policy, "pool": pool,
+           "base": base}
+    shutil.rmtree(base, ignore_errors=True)  # small CI disks
 
 
 def _train(a, name: str, **train) -> tuple[dict, torch.nn.Module]:
