@@ -141,6 +141,9 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true",
                     help="keep the results of other recipes already in --out (run the set in parts)")
     args = ap.parse_args()
+    from bench.machine import warn_if_busy
+
+    warn_if_busy()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch

@@ -23,6 +23,9 @@ demonstrations (the opsd verifier, 48 new tokens) every ``--eval-every`` steps.
 * **offline** / **offline-1ep**: the quickstart recipe on this rule (Lightning-OPD style):
   teacher-guided rollouts of all 64 questions × 4 from the initial student, teacher targets
   once, 2 epochs (32 steps of 16) / 1 epoch (16 steps), evaluated before and after.
+* **offline-n2**: the same with 2 samples per question (128 guided rollouts) and 1 epoch
+  (8 steps of 16): the offline run has a single evaluation at its end, so a smaller offline
+  set is how its wall time to target is probed (TRL and online are evaluated every 5 steps).
 
 All opsd parts checkpoint activations like the TRL run (``train.activation_checkpointing``),
 and each part gets its own storage root under ``--root`` (nothing is reused across parts).
@@ -57,7 +60,7 @@ from bench.docs import write_section  # noqa: E402
 
 RULE = "sure-thing"
 TARGET = 31 / 32
-PARTS = ("trl", "online", "offline", "offline-1ep")
+PARTS = ("trl", "online", "offline", "offline-1ep", "offline-n2")
 
 
 def vm_hwm_mib() -> float:
@@ -196,6 +199,8 @@ def _opsd_overrides(args, mode: str) -> list[str]:
         return common + ["mode=online", "rollout.guidance.enabled=false",
                          "online.prompts_per_iteration=4", "online.steps_per_iteration=1",
                          f"online.iterations={args.steps}", f"online.eval_every={args.eval_every}"]
+    if mode == "offline-n2":
+        return common + ["rollout.n=2", "train.epochs=1"]
     return common + [f"train.epochs={2 if mode == 'offline' else 1}"]
 
 
@@ -316,7 +321,7 @@ def markdown(results: dict, meta: dict) -> str:
         lines += ["", "Ratios against TRL (targets: online ≤ 0.5× s/step and ≤ 0.5× wall to target, "
                   "peak RSS ≤ TRL's; offline ≤ 0.25× wall to target):", ""]
         t_hit = first_at_target(trl["curve"])
-        for name in ("online", "offline", "offline-1ep"):
+        for name in PARTS[1:]:
             r = results.get(name)
             if not r:
                 continue
@@ -358,6 +363,9 @@ def main(argv=None) -> None:
         return
     if args.root is None:
         args.root = tempfile.mkdtemp(prefix="opsd-trl-")
+    from bench.machine import warn_if_busy
+
+    warn_if_busy()
     out = Path(args.out)
     results = json.loads(out.read_text())["results"] if out.exists() else {}
     for part in [] if args.render else args.parts:

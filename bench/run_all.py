@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", nargs="+", choices=sorted(SUITE), default=[], help="leave these out")
     args = ap.parse_args(argv)
     names = [n for n in (args.only or SUITE) if n not in args.skip]
+    from bench.machine import warn_if_busy
+
+    warn_if_busy()
     if "vllm" in names and importlib.util.find_spec("vllm") is None:
         print("vllm: skipped (not installed; see docs/vllm.md)")
         names.remove("vllm")

@@ -38,7 +38,10 @@ def finish_report(p: Pipeline, evals: dict[str, Artifact], *, rollouts: Artifact
     metrics = headline_metrics(evals)
     metrics.update(extra or {})
     table = compliance_table(evals)
-    p.say("held-out greedy compliance (verifier pass rate) without privileged context:\n" + table)
+    # one line in the run log (Prefect UI); the table itself is printed once, below
+    p.say("held-out greedy compliance: " + ", ".join(
+        f"{name} {metrics[f'eval.{name}.greedy']:.3f}" for name in evals
+        if isinstance(metrics.get(f"eval.{name}.greedy"), float)))
 
     def log_summary(tracker, run_id):
         tracker.log_text(run_id, table + "\n", "compliance.txt")
