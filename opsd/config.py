@@ -397,6 +397,16 @@ class RewardConfig(_Strict):
     )
     scope_tau: float = Field(1.0, gt=0.0, le=100.0, description="scope: softmax temperature.")
     advantage_eps: float = Field(1e-4, gt=0.0, description="eps in the GRPO advantage denominator.")
+    ppo_clip: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="Reward term as PPO/GRPO's clipped surrogate -min(rho_t A, clip(rho_t, 1-eps, "
+        "1+eps) A), rho_t = pS(y_t)/p_behaviour(y_t) per token (Schulman et al. 2017; GRPO's "
+        "default eps 0.2): a token stops being pushed once its probability moved eps away from "
+        "the rollout's in the advantage's direction. Without it (None) the term is plain "
+        "REINFORCE -A log pS(y_t), unbounded for negative advantages: on offline rollouts trained "
+        "for many steps it can push the student's own replies down without limit. Replaces "
+        "importance_ratio_clip for the reward term.",
+    )
 
 
 class TraceConfig(_Strict):
@@ -491,6 +501,15 @@ class TrainConfig(_Strict):
         description="Data-parallel processes for offline training. > 1 launches the train stage "
         "with torchrun on this machine: every optimiser batch is split across the ranks and the "
         "gradients are all-reduced (torch.distributed), so the update equals one process's.",
+    )
+    sharding: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="How the world_size > 1 ranks hold the model. ddp: every rank keeps the full "
+        "weights, gradients and AdamW state (gradients all-reduced). fsdp: PyTorch FSDP2 "
+        "(torch.distributed.fsdp.fully_shard) shards weights, gradients and AdamW state across the "
+        "ranks - each holds 1/world_size of them and gathers one decoder layer (plus the "
+        "embeddings/LM head) at a time - for models that do not fit one device; same update. "
+        "Ignored when world_size is 1.",
     )
     dist_backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend when world_size > 1 (auto: nccl with CUDA, "

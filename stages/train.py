@@ -149,9 +149,11 @@ def attach_spans(examples: list[Example], texts: dict[str, str], cfg: TrainConfi
         e.error_mask = mixing.spans_to_token_mask(offsets, mixing.char_spans(text, err_p))
 
 
-def save_checkpoint(model, tokenizer, folder: Path) -> None:
+def save_checkpoint(model, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
+    """``state_dict``: the full weights of a sharded (FSDP) model, gathered on this rank."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(folder, safe_serialization=True, **extra)
     tokenizer.save_pretrained(folder)
 
 
@@ -221,6 +223,9 @@ def run(
         "rollout_temperature": rollout_temperature,
         "live_teacher": cfg.live_teacher,
         "world_size": cfg.world_size,
+        "sharding": cfg.sharding if cfg.world_size > 1 else None,
+        # world_size > 1: parameter / AdamW-moment elements and peak RSS of every rank
+        "per_rank": done.get("per_rank"),
         "passed_fraction": done["passed_fraction"],
         "means": {k: float(np.mean([h[k] for h in history if h.get(k) is not None]))
                   for k in ("distill_fraction", "pg_fraction", "selected_fraction", "kl_weight",
@@ -240,15 +245,20 @@ def train_local(cfg: TrainConfig, rollouts: Artifact, targets: Artifact, init: P
     import torch
 
     main = dist is None or dist.is_main
+    sharded = dist is not None and dist.sharded  # FSDP: gathering full state is collective
     tokenizer = ctx.pool.tokenizer(init)
     examples = load_examples(rollouts, targets, cfg, rows=rows, tokenizer=tokenizer)
     if not examples:
         raise TargetMismatch(f"no trainable examples in {rollouts.path}")
     torch.manual_seed(cfg.seed)
-    model = ctx.pool.master(init)
-    # Train a private copy: the pool's master of the initial policy stays the frozen
-    # base model for the teacher and the 'before' evaluation.
-    model = copy.deepcopy(model)
+    if dist is not None:
+        # A rank's pool is its own: train its master without a second full copy (with fsdp the
+        # rank then holds only its shard once the model is sharded).
+        model = ctx.pool.take_master(init)
+    else:
+        # Train a private copy: the pool's master of the initial policy stays the frozen
+        # base model for the teacher and the 'before' evaluation.
+        model = copy.deepcopy(ctx.pool.master(init))
     teacher_model = None
     if cfg.live_teacher:
         if teacher is None:
@@ -262,7 +272,8 @@ def train_local(cfg: TrainConfig, rollouts: Artifact, targets: Artifact, init: P
     start = 0
     if has_resume_point(resume_dir):
         # A killed attempt left a complete resume point: continue exactly where it stopped.
-        counters = load_resume_point(resume_dir, model, trainer.opt, trainer.sched)
+        load = (lambda w, o: dist.load_full_state(model, trainer.opt, w, o)) if sharded else None
+        counters = load_resume_point(resume_dir, model, trainer.opt, trainer.sched, load_state=load)
         start, history = counters["step"], counters["history"]
         trainer.state.step = start
     t0 = time.perf_counter()
@@ -278,9 +289,13 @@ def train_local(cfg: TrainConfig, rollouts: Artifact, targets: Artifact, init: P
             bar.set_postfix(loss=f"{stats.loss:.4f}", kl=f"{stats.kl:.3f}", tok_s=f"{stats.tokens_per_s:.0f}")
             bar.update(1)
             if cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < len(plan):
+                full = {}
+                if sharded:
+                    full = {"weights": dist.full_state_dict(model),
+                            "optimizer": dist.full_optimizer_state(model, trainer.opt)}
                 if main:
                     save_resume_point(resume_dir, model, trainer.opt, trainer.sched,
-                                      {"step": i + 1, "history": history})
+                                      {"step": i + 1, "history": history}, **full)
                 if dist:
                     dist.barrier()  # no rank runs ahead of a resume point being written
     except NumericalError as err:
@@ -296,8 +311,11 @@ def train_local(cfg: TrainConfig, rollouts: Artifact, targets: Artifact, init: P
     passed = [e.passed for e in examples if e.passed is not None]
     summary = {"seconds": seconds, "examples": len(examples),
                "passed_fraction": sum(passed) / len(passed) if passed else None}
+    if dist is not None:
+        summary["per_rank"] = dist.per_rank(model, trainer.opt)
+    weights = dist.full_state_dict(model) if sharded else None
     if main:
-        save_checkpoint(model, tokenizer, ctx.out_dir / "model")
+        save_checkpoint(model, tokenizer, ctx.out_dir / "model", weights)
         shutil.rmtree(resume_dir, ignore_errors=True)  # the artifact is the final model
         write_history(history, ctx.out_dir / "metrics.parquet")
         if dist is not None:

@@ -98,6 +98,29 @@ class _Retrying:
         return call
 
 
+def _forget_cached_store(uri: str) -> None:
+    """Drop MLflow's per-process store and SQLAlchemy engine for ``uri``.
+
+    MLflow caches both per URI for the life of the process. When the SQLite file was deleted
+    since (a fresh OPSD home at a path this process used before: a notebook that removed
+    ``opsd-home``, a test reusing a temporary folder), the cached engine still points at the
+    unlinked file and every write fails with "attempt to write a readonly database".
+    """
+    try:
+        from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        from mlflow.tracking._tracking_service.registry import TrackingStoreRegistry
+    except ImportError:  # private API moved: nothing cached the way this knows
+        return
+    for store_cls in (SqlAlchemyStore, RegistryStore):
+        engine = getattr(store_cls, "_engine_map", {}).pop(uri, None)
+        if engine is not None:
+            engine.dispose()
+    cached = getattr(TrackingStoreRegistry, "_get_store_with_resolved_uri", None)
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
+
+
 class Tracker:
     """Thin wrapper over ``MlflowClient`` bound to one pipeline (parent) run."""
 
@@ -106,6 +129,8 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri(mlflow_db)
+        if not Path(mlflow_db).exists():
+            _forget_cached_store(self.uri)
         # Creating the SQLite schema and the experiment is not safe for two processes at
         # once (both try CREATE TABLE): serialise the first contact with a file lock.
         with _file_lock(Path(mlflow_db).with_name(Path(mlflow_db).name + ".lock")):

@@ -1,9 +1,16 @@
 """Data-parallel training under torchrun (2 processes, gloo on CPU) equals one process with the
-same global batch: same loss curve, same final weights."""
+same global batch: same loss curve, same final weights — with replicas (``sharding: ddp``) and
+with FSDP2 shards (``sharding: fsdp``)."""
 
 from __future__ import annotations
 
+import json
+import signal
+import threading
+import time
+
 import numpy as np
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,9 +24,12 @@ from tests.test_train_objectives import artifacts  # noqa: F401  (module fixture
 TRAIN = {"epochs": 2, "batch_size": 8, "micro_batch_size": 4, "lr": 1e-3, "logit_chunk": 16,
          "autocast": "none", "save_every": 0, "max_grad_norm": 0.5}
 
+_ONE: dict[str, tuple] = {}  # one-process reference runs, shared by the ddp and fsdp tests
 
-def _run(a, name: str, world_size: int, objective: str) -> tuple[dict, dict, list[dict]]:
-    cfg = TrainConfig.model_validate({**TRAIN, "objective": objective, "world_size": world_size})
+
+def _run(a, name: str, world_size: int, objective: str, **train) -> tuple[dict, dict, list[dict]]:
+    cfg = TrainConfig.model_validate({**TRAIN, "objective": objective, "world_size": world_size,
+                                      **train})
     out = a["base"] / f"dist-{name}"
     out.mkdir()
     ctx = StageContext(out_dir=out, pool=a["pool"], show_progress=False)
@@ -28,13 +38,17 @@ def _run(a, name: str, world_size: int, objective: str) -> tuple[dict, dict, lis
     return man, weights, read_table(out / "metrics.parquet").to_pylist()
 
 
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("objective", ["forward_kl_topk", "reverse_kl_sampled"])
-def test_two_gloo_ranks_match_one_process(artifacts, objective):
-    one, w1, h1 = _run(artifacts, f"1-{objective}", 1, objective)
-    two, w2, h2 = _run(artifacts, f"2-{objective}", 2, objective)
-    assert two["world_size"] == 2 and two["steps"] == one["steps"] == len(h1) == len(h2) == 6
-    assert two["tokens_trained"] == one["tokens_trained"]
+def _one_process(a, objective: str, **train) -> tuple[dict, dict, list[dict]]:
+    key = f"{objective}-{'-'.join(f'{k}{v}' for k, v in sorted(train.items()))}"
+    if key not in _ONE:
+        _ONE[key] = _run(a, f"1-{key}", 1, objective, **train)
+    return _ONE[key]
+
+
+def _assert_same_training(a, one, two, label: str) -> None:
+    (m1, w1, h1), (m2, w2, h2) = one, two
+    assert m2["steps"] == m1["steps"] == len(h1) == len(h2)
+    assert m2["tokens_trained"] == m1["tokens_trained"]
     loss1 = np.array([h["loss"] for h in h1])
     loss2 = np.array([h["loss"] for h in h2])
     # equal up to float summation order (the ranks reduce in a different order), which
@@ -42,14 +56,98 @@ def test_two_gloo_ranks_match_one_process(artifacts, objective):
     np.testing.assert_allclose(loss2, loss1, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose([h["grad_norm"] for h in h2], [h["grad_norm"] for h in h1], rtol=1e-3)
     np.testing.assert_allclose([h["kl"] for h in h2], [h["kl"] for h in h1], rtol=1e-3, atol=1e-4)
-    # the weights moved, and moved the same way
-    base = artifacts["pool"].master(artifacts["policy"]).state_dict()
+    # the weights moved, and moved the same way; same tensors in the checkpoint (tied once)
+    assert set(w2) == set(w1)
+    base = a["pool"].master(a["policy"]).state_dict()
     moved = max(float((w1[k] - base[k]).abs().max()) for k in w1 if k in base)
     assert moved > 1e-3
     worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
-    print(f"{objective}: max |w| moved {moved:.2e}, max |w1 - w2| {worst:.2e}")
+    print(f"{label}: max |w| moved {moved:.2e}, max |w1 - w2| {worst:.2e}")
     assert worst < 1e-3 * max(1.0, moved) and worst < moved / 20, (worst, moved)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("objective", ["forward_kl_topk", "reverse_kl_sampled"])
+def test_two_gloo_ranks_match_one_process(artifacts, objective):
+    one = _one_process(artifacts, objective)
+    two = _run(artifacts, f"2-{objective}", 2, objective)
+    assert two[0]["world_size"] == 2 and two[0]["sharding"] == "ddp" and one[0]["steps"] == 6
+    assert one[0]["sharding"] is None and one[0]["per_rank"] is None
+    _assert_same_training(artifacts, one, two, f"ddp {objective}")
+    n = sum(p.numel() for p in artifacts["pool"].master(artifacts["policy"]).parameters())
+    held = two[0]["per_rank"]
+    assert (held["params"], held["adamw_state"]) == ([n, n], [2 * n, 2 * n])
     assert not (artifacts["base"] / f"dist-2-{objective}" / "dist_spec.json").exists()
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("objective", ["forward_kl_topk", "reverse_kl_sampled"])
+def test_fsdp_two_gloo_ranks_match_one_process(artifacts, objective):
+    one = _one_process(artifacts, objective)
+    # save_every: the full weights and AdamW state are gathered for resume points mid-run
+    two = _run(artifacts, f"fsdp-{objective}", 2, objective, sharding="fsdp", save_every=2)
+    assert two[0]["world_size"] == 2 and two[0]["sharding"] == "fsdp" and one[0]["steps"] == 6
+    _assert_same_training(artifacts, one, two, f"fsdp {objective}")
+    # each rank held half of the parameters and of the AdamW moments (dim-0 shards)
+    n = sum(p.numel() for p in artifacts["pool"].master(artifacts["policy"]).parameters())
+    held = two[0]["per_rank"]
+    print(f"fsdp per-rank elements: {held} of {n} parameters")
+    assert sum(held["params"]) == n and max(held["params"]) < 0.51 * n
+    assert held["adamw_state"] == [2 * p for p in held["params"]]
+
+
+@pytest.mark.timeout(600)
+def test_fsdp_ragged_batches_match_one_process(artifacts):
+    """Batches of 5 in micro-batches of 2: one rank gets 3 examples (2 micro-batches), the other
+    2 (1) — under FSDP the short rank runs a zero-weight micro-batch so the collectives match."""
+    ragged = {"batch_size": 5, "micro_batch_size": 2}
+    one = _one_process(artifacts, "forward_kl_topk", **ragged)
+    two = _run(artifacts, "fsdp-ragged", 2, "forward_kl_topk", sharding="fsdp", **ragged)
+    _assert_same_training(artifacts, one, two, "fsdp ragged")
+
+
+@pytest.mark.timeout(600)
+def test_fsdp_resumes_after_kill(artifacts):
+    """SIGKILL a 2-rank FSDP run after its first resume point (gathered full weights + AdamW
+    state, written by rank 0), rerun it: it continues from there, every rank loading its shard,
+    and ends where one uninterrupted process does."""
+    objective = "forward_kl_topk"
+    one = _one_process(artifacts, objective)
+    cfg = TrainConfig.model_validate({**TRAIN, "objective": objective, "world_size": 2,
+                                      "sharding": "fsdp", "save_every": 1})
+    out = artifacts["base"] / "dist-fsdp-resume"
+    out.mkdir()
+    ctx = StageContext(out_dir=out, pool=artifacts["pool"], show_progress=False)
+
+    def train(errors: list) -> None:
+        try:
+            train_stage.run(cfg, artifacts["rollouts"], artifacts["targets"], artifacts["policy"],
+                            ctx, rollout_temperature=1.0)
+        except RuntimeError as e:  # the killed torchrun
+            errors.append(e)
+
+    errors: list = []
+    first = threading.Thread(target=train, args=(errors,))
+    first.start()
+    state = out / "resume" / "trainer_state.json"
+    deadline = time.monotonic() + 300
+    while not state.exists() and first.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # torchrun and its ranks: the children this test process started
+    for p in psutil.Process().children(recursive=True):
+        p.send_signal(signal.SIGKILL)
+    first.join()
+    assert errors and "failed" in str(errors[0]), "the run ended before it could be killed"
+    saved = json.loads(state.read_text())["counters"]
+    assert 1 <= saved["step"] < 6
+    two_man = train_stage.run(cfg, artifacts["rollouts"], artifacts["targets"], artifacts["policy"],
+                              ctx, rollout_temperature=1.0)
+    h2 = read_table(out / "metrics.parquet").to_pylist()
+    # the steps before the kill were not retrained: their records come from the resume point
+    np.testing.assert_allclose([h["seconds"] for h in h2[: saved["step"]]],  # float32 in parquet
+                               [h["seconds"] for h in saved["history"]], rtol=1e-6)
+    two = (two_man, load_file(str(out / "model" / "model.safetensors")), h2)
+    _assert_same_training(artifacts, one, two, f"fsdp resumed after step {saved['step']}")
 
 
 def test_world_size_is_validated():
@@ -58,4 +156,6 @@ def test_world_size_is_validated():
                                                  "world_size": 2}})
     with pytest.raises(ValueError, match="online"):
         PipelineConfig.model_validate({"mode": "online", "train": {"world_size": 2}})
+    with pytest.raises(ValueError, match="sharding"):
+        TrainConfig.model_validate({"world_size": 2, "sharding": "zero3"})
     assert torch.distributed.is_available()

@@ -345,3 +345,31 @@ def test_inplace_jsd_backward_equals_the_copying_one(beta, clip, mode):
         (loss * w).sum().backward()
         grads.append(zz.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
+
+
+def test_policy_gradient_ppo_clip_bounds_the_push_and_matches_reinforce_at_ratio_one():
+    torch.manual_seed(0)
+    behaviour = torch.log(torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5, 0.5], dtype=torch.float64))
+    # ratios 1, 1.5, 0.5, 1, 1.5, 0.5; advantages +, +, +, -, -, -
+    ratio = torch.tensor([1.0, 1.5, 0.5, 1.0, 1.5, 0.5], dtype=torch.float64)
+    adv = torch.tensor([0.7, 0.7, 0.7, -0.7, -0.7, -0.7], dtype=torch.float64)
+    logp = (behaviour + ratio.log()).requires_grad_()
+    D.policy_gradient(logp, behaviour, adv, ppo_clip=0.2).sum().backward()
+    g = logp.grad
+    # d/dlogp of -rho*A = -A*rho inside the band; 0 where rho left it in A's direction
+    expected = torch.tensor([-0.7, 0.0, -0.7 * 0.5, 0.7, 0.7 * 1.5, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(g, expected)
+    # at rho = 1 the surrogate's gradient is REINFORCE's
+    lp1 = behaviour.clone().requires_grad_()
+    D.policy_gradient(lp1, behaviour, adv, ppo_clip=0.2).sum().backward()
+    lp2 = behaviour.clone().requires_grad_()
+    D.policy_gradient(lp2, behaviour, adv).sum().backward()
+    torch.testing.assert_close(lp1.grad, lp2.grad)
+    torch.testing.assert_close(lp2.grad, -adv)
+    # ratio-weighted REINFORCE: detached weight clip(rho, 1/c, c)
+    lp3 = logp.detach().clone().requires_grad_()
+    D.policy_gradient(lp3, behaviour, adv, ratio_clip=1.25).sum().backward()
+    torch.testing.assert_close(lp3.grad, -adv * ratio.clamp(0.8, 1.25))
+    assert torch.autograd.gradcheck(
+        lambda x: D.policy_gradient(x, behaviour, adv, ppo_clip=0.2).sum(),
+        (behaviour + torch.tensor([0.05, 0.1, -0.1, 0.0, 0.1, -0.1], dtype=torch.float64)).requires_grad_())

@@ -134,7 +134,12 @@ def test_mlflow_parent_and_nested_stage_runs(pipeline_run):
 
     uri = train.data.tags["opsd.model_uri"]
     mlflow.set_tracking_uri(tracking_uri(Layout.at(pipeline_run["root"]).mlflow_db))
-    pipe = mlflow.transformers.load_model(uri)
+    try:
+        pipe = mlflow.transformers.load_model(uri)
+    finally:
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI, which opsd's tracker honours:
+        # left set, every later run in this process would log into this test's store
+        mlflow.set_tracking_uri(None)
     assert pipe.model.config.num_hidden_layers == 2
 
 

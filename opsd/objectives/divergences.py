@@ -373,6 +373,27 @@ def reverse_kl_sampled_gathered(logp_s_N, teacher_logp_N, behaviour_logp_N=None,
     return loss_N, (lp_s_N - teacher_N).detach()
 
 
+def policy_gradient(logp_N: torch.Tensor, behaviour_logp_N: torch.Tensor, adv_N: torch.Tensor, *,
+                    ppo_clip: float | None = None, ratio_clip: float | None = None) -> torch.Tensor:
+    """Per-token reward-term loss for sampled tokens ``y_t`` with advantages ``A_t``.
+
+    * ``ppo_clip = ε``: PPO's clipped surrogate as in GRPO (Schulman et al. 2017; Shao et al.
+      2024), ``loss_t = -min(ρ_t A_t, clip(ρ_t, 1-ε, 1+ε) A_t)``, ``ρ_t = πS(y_t)/πb(y_t)``:
+      the gradient is ``-A_t ρ_t ∇log πS`` inside the band and 0 once ``ρ_t`` left it in the
+      direction ``A_t`` favours — how far one batch of samples can move a token is bounded.
+    * otherwise REINFORCE, ``loss_t = -A_t · w_t · log πS(y_t)`` with the detached weight
+      ``w_t = clip(sg(ρ_t), 1/c, c)`` when ``ratio_clip = c`` is set, else ``w_t = 1``.
+
+    ``adv_N`` may carry non-negative per-token weights (rl_weight, routing masks); only its
+    sign enters the clipping."""
+    if ppo_clip is not None:
+        ratio_N = (logp_N - behaviour_logp_N).exp()
+        return -torch.minimum(ratio_N * adv_N, ratio_N.clamp(1.0 - ppo_clip, 1.0 + ppo_clip) * adv_N)
+    if ratio_clip is not None:
+        adv_N = adv_N * (logp_N.detach() - behaviour_logp_N).exp().clamp(1.0 / ratio_clip, ratio_clip)
+    return -adv_N * logp_N
+
+
 def sampled_nll(logp_NV: torch.Tensor, token_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Negative log-likelihood of the stored tokens, ``loss_t = -log πS(y_t)`` (SFT; also the
     MLE term of SCOPE and the policy-gradient term ``-A log πS(y_t)`` once weighted by ``A``)."""

@@ -14,6 +14,16 @@ the checkpoint into the stage's temporary folder; the parent process publishes i
 Gradients are reduced in flat buckets after the backward pass (what DDP's reducer does, without
 overlapping it with backward): the decoder is called directly by the loss code (chunked LM head),
 which a ``DistributedDataParallel`` wrapper's forward hooks would not see.
+
+``train.sharding: fsdp`` shards instead of replicating, with PyTorch's FSDP2 (``fully_shard``):
+every decoder layer is one FSDP unit and the rest of the model (embeddings = tied LM head, final
+norm) belongs to the root unit, a module whose forward *is* the micro-batch loss
+(:class:`opsd.training.loop.LossModule`) — FSDP2 gathers a unit's parameters and reduce-scatters
+their gradients from the hooks of the module it wraps, and the loss code never calls the model's
+own forward. Each rank keeps 1/N of the weights, gradients and AdamW moments; the gradients are
+reduce-*summed* (the losses are already scaled by the whole batch's token count), so clipping (on
+the global norm) and AdamW give the one-process update. Checkpoints and resume points are
+gathered to full tensors and written by rank 0 in the one-process format.
 """
 
 from __future__ import annotations
@@ -38,10 +48,15 @@ class DataParallel:
 
     rank: int
     world_size: int
+    sharding: str = "ddp"  # TrainConfig.sharding: "ddp" (replicas) or "fsdp" (FSDP2 shards)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.sharding == "fsdp"
 
     def shard(self, items: list) -> list:
         return items[self.rank :: self.world_size]
@@ -72,6 +87,107 @@ class DataParallel:
             n = g.numel()
             g.copy_(flat[offset : offset + n].view_as(g))
             offset += n
+
+    # ---------------------------------------------------------------- FSDP2 (sharding: fsdp)
+
+    def fully_shard(self, root: torch.nn.Module, model: torch.nn.Module) -> None:
+        """Shard ``model`` with FSDP2: one unit per decoder layer, everything else in ``root``'s.
+
+        ``root`` contains ``model`` and its forward runs the whole loss, so the root unit's
+        parameters (embeddings = tied LM head, final norm) are gathered around every use — the
+        decoder call, the chunked LM head and its recomputation in backward — and reduced after.
+        Call before the optimiser is built: it must hold the sharded parameters.
+        """
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        mesh = init_device_mesh(next(model.parameters()).device.type, (self.world_size,))
+        for layer in getattr(model.get_decoder(), "layers", []):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(root, mesh=mesh)
+        for m in root.modules():
+            if isinstance(m, FSDPModule):
+                # Each rank's loss is already scaled by 1 / (tokens of the whole batch): the
+                # gradients must be summed over the ranks, not averaged (FSDP's default).
+                m.set_gradient_divide_factor(1.0)
+                m.set_force_sum_reduction_for_comms(True)
+        # A parameter without a gradient on one rank still takes part in the reduce-scatter
+        # (as zeros), so the ranks' collectives always match.
+        root.set_reduce_scatter_unused_params(True)
+
+    @staticmethod
+    def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The unsharded weights on rank 0 (CPU), ``{}`` on the others; every rank must call it.
+
+        Tied parameters map to one tensor, as in ``model.state_dict()``, so ``save_pretrained``
+        and resume points store them once, exactly as a one-process run does.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        names: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+        for group in names.values():
+            for alias in group[1:]:
+                if group[0] in sd:
+                    sd[alias] = sd[group[0]]
+        return sd
+
+    @staticmethod
+    def _param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+        """Names of the optimiser's parameters in its own order (``opt.state_dict()``'s ids)."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+    def full_optimizer_state(self, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+        """AdamW's unsharded state on rank 0, ``{}`` on the others; every rank must call it.
+
+        Laid out like ``opt.state_dict()`` of one process (parameters numbered in the optimiser's
+        order), so a resume point does not depend on how the run was sharded.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        osd = get_optimizer_state_dict(model, opt,
+                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not osd:
+            return {}
+        index = {n: i for i, n in enumerate(self._param_names(model, opt))}
+        return {"state": {index[n]: st for n, st in osd["state"].items()},
+                "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                 for g in osd["param_groups"]]}
+
+    def load_full_state(self, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                        weights: dict[str, torch.Tensor], optimizer: dict) -> None:
+        """Load full weights and optimiser state (a resume point, read by every rank): each rank
+        keeps its shard."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=True))
+        names = self._param_names(model, opt)
+        osd = {"state": {names[int(i)]: st for i, st in optimizer["state"].items()},
+               "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
+                                for g in optimizer["param_groups"]]}
+        set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
+
+    def per_rank(self, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, list]:
+        """What each rank held (collective): elements of the parameters and of the AdamW moments
+        (the full model on every rank with ddp, about 1/world_size of it with fsdp) and the
+        process's peak resident memory in MiB."""
+        import resource
+
+        local = lambda t: t.to_local().numel() if hasattr(t, "to_local") else t.numel()  # noqa: E731
+        params = sum(local(p) for p in model.parameters())
+        moments = sum(local(v) for st in opt.state.values() for v in st.values()
+                      if torch.is_tensor(v) and v.dim() > 0)  # not the scalar step counters
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        w = self.world_size
+        counts = [0.0] * (3 * w)
+        counts[self.rank], counts[w + self.rank], counts[2 * w + self.rank] = params, moments, rss
+        counts = self.sum(counts)
+        return {"params": [int(c) for c in counts[:w]], "adamw_state": [int(c) for c in counts[w : 2 * w]],
+                "peak_rss_mib": [round(c) for c in counts[2 * w :]]}
 
     def sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
@@ -136,7 +252,7 @@ def main(spec_path: str) -> None:
     dist.init_process_group(backend_for(cfg.dist_backend), rank=rank, world_size=world)
     try:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        dp = DataParallel(rank, world)
+        dp = DataParallel(rank, world, cfg.sharding)
         art = lambda d: Artifact(d["key"], Path(d["path"]))  # noqa: E731
         pol = lambda d: Policy(d["key"], Path(d["path"]), d.get("label", "")) if d else None  # noqa: E731
         ctx = StageContext(Path(spec["out_dir"]), ModelPool(),

@@ -239,10 +239,9 @@ def _chunk_loss(cfg: TrainConfig, lm_head, teacher_head):
             loss_C, _ = D.reverse_kl_topk_gathered(rows.topk_CK, topk_logp_CK, tail_C, tail=d.topk_tail)
             total = total + (loss_C * rkl_C).sum()
         if pg_C is not None:
-            if cfg.importance_ratio_clip is not None:
-                c = cfg.importance_ratio_clip
-                pg_C = pg_C * (rows.token_C.detach() - behaviour_C).exp().clamp(1.0 / c, c)
-            total = total - (pg_C * rows.token_C).sum()
+            total = total + D.policy_gradient(rows.token_C, behaviour_C, pg_C,
+                                              ppo_clip=cfg.rewards.ppo_clip,
+                                              ratio_clip=cfg.importance_ratio_clip).sum()
         return total, div_C.detach(), rows.entropy_C
 
     return fn
@@ -302,14 +301,48 @@ def attention_kernel(model, cfg: TrainConfig, seq_len: int):
 
 
 def micro_batch_loss(model, batch: Batch, cfg: TrainConfig, loss_scale: float, *,
-                     teacher: LiveTeacher | None = None, progress: float = 0.0):
-    """Forward + backward of one micro-batch; returns (loss sum, div_N, entropy_N, info)."""
+                     teacher: LiveTeacher | None = None, progress: float = 0.0,
+                     forward: "LossModule | None" = None):
+    """Forward + backward of one micro-batch; returns (loss sum, div_N, entropy_N, info).
+
+    ``forward``: the :class:`LossModule` around ``model`` when it is FSDP-sharded (its forward
+    hooks gather the parameters); by default the loss is computed on ``model`` directly.
+    """
     with attention_kernel(model, cfg, batch.input_ids_BL.shape[1]):
-        return _micro_batch_loss(model, batch, cfg, loss_scale, teacher=teacher, progress=progress)
+        if forward is None:
+            total, div, ent, info = _micro_batch_forward(model, batch, cfg, teacher=teacher,
+                                                         progress=progress)
+        else:
+            total, div, ent, info = forward(batch, cfg, teacher=teacher, progress=progress)
+        if total.requires_grad:
+            (total * loss_scale).backward()
+    return total.detach(), div, ent, info
 
 
-def _micro_batch_loss(model, batch: Batch, cfg: TrainConfig, loss_scale: float, *,
-                      teacher: LiveTeacher | None, progress: float):
+class LossModule(torch.nn.Module):
+    """A module whose forward is the whole micro-batch loss of ``model`` (FSDP's root unit).
+
+    The loss calls the decoder and the LM head itself, not ``model(...)``. FSDP2 gathers a unit's
+    parameters and reduce-scatters their gradients from the hooks of the module it wraps: wrapping
+    this module puts the embeddings (= tied LM head) and the final norm in a unit whose hooks run
+    around every use of them, the chunked LM head's recomputation in backward included.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch, cfg: TrainConfig, *, teacher: LiveTeacher | None = None,
+                progress: float = 0.0):
+        # every rank must run the backward (its reduce-scatters are collectives), also when no
+        # token of its micro-batch has a loss weight: keep_graph gives a zero loss on the decoder
+        return _micro_batch_forward(self.model, batch, cfg, teacher=teacher, progress=progress,
+                                    keep_graph=True)
+
+
+def _micro_batch_forward(model, batch: Batch, cfg: TrainConfig, *, teacher: LiveTeacher | None,
+                         progress: float, keep_graph: bool = False):
+    """Forward of one micro-batch: (loss sum with its graph, div_N, entropy_N, info)."""
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
     th_NH, teacher_head = None, None
     if cfg.live_teacher:
@@ -354,9 +387,9 @@ def _micro_batch_loss(model, batch: Batch, cfg: TrainConfig, loss_scale: float, 
             total = total + loss_sum
             divs.append(div_C)
             ents.append(ent_C)
-    if total.requires_grad:
-        (total * loss_scale).backward()
-    return total.detach(), torch.cat(divs), torch.cat(ents), coef.info
+    if keep_graph and not total.requires_grad:
+        total = total + 0.0 * h_NH.sum()
+    return total, torch.cat(divs), torch.cat(ents), coef.info
 
 
 class Trainer:
@@ -378,6 +411,12 @@ class Trainer:
         self.cfg = cfg
         self.pad_id = pad_id
         self.total_steps = max(1, total_steps)
+        self.forward: LossModule | None = None
+        if dist is not None and dist.sharded:
+            # before the optimiser is built: AdamW holds (and shards its moments like) the
+            # sharded parameters
+            self.forward = LossModule(model)
+            dist.fully_shard(self.forward, model)
         self.opt, self.sched = make_optimizer(model, cfg, total_steps)
         self.state = TrainState()
         self.teacher = (LiveTeacher(teacher_model, teacher_batch_size, share_prefix)
@@ -394,23 +433,37 @@ class Trainer:
         losses, divs, ents = [], [], []
         info_sum: dict[str, float] = {}
         local = self.dist.shard(examples) if self.dist else examples
-        for s in range(0, len(local), cfg.micro_batch_size):
-            mb = collate(local[s : s + cfg.micro_batch_size], self.pad_id)
+        micro = [local[s : s + cfg.micro_batch_size] for s in range(0, len(local), cfg.micro_batch_size)]
+        n_real = len(micro)
+        if self.dist:
+            # FSDP gathers and reduces inside every forward/backward (collectives): all ranks run
+            # the same number of micro-batches; with DDP at least one (same metric names on every
+            # rank). A rank short of a ragged last batch runs a copy of the batch's first example
+            # with loss weight 0: a zero gradient, its statistics dropped.
+            want = int(self.dist.max(len(micro))) if self.forward is not None else 1
+            micro += [examples[:1]] * max(0, want - len(micro))
+        for m, part in enumerate(micro):
+            mb = collate(part, self.pad_id)
             # Token-mean over the whole optimiser batch, however it is split.
-            loss, div, ent, info = micro_batch_loss(self.model, mb, cfg, 1.0 / max(1, n_tokens),
-                                                    teacher=self.teacher, progress=progress)
-            losses.append(loss)
-            divs.append(div)
-            ents.append(ent)
+            scale = 1.0 / max(1, n_tokens) if m < n_real else 0.0
+            loss, div, ent, info = micro_batch_loss(self.model, mb, cfg, scale, teacher=self.teacher,
+                                                    progress=progress, forward=self.forward)
             for k, v in info.items():  # token-weighted average over micro-batches
-                info_sum[k] = info_sum.get(k, 0.0) + v * mb.n_tokens
+                info_sum[k] = info_sum.get(k, 0.0) + (v * mb.n_tokens if m < n_real else 0.0)
+            if m < n_real:
+                losses.append(loss)
+                divs.append(div)
+                ents.append(ent)
         loss = float(sum(losses)) / max(1, n_tokens)
-        div, ent = torch.cat(divs), torch.cat(ents)
+        cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0)  # noqa: E731  (a rank without examples)
+        div, ent = cat(divs), cat(ents)
         div_stats = (float(div.sum()), float(div.numel()), float(div.min()) if div.numel() else math.inf,
                      float(div.max()) if div.numel() else -math.inf, float(ent.sum()))
         if self.dist:
-            # Sum of every rank's (1/n_tokens-scaled) gradients = the one-process gradient.
-            self.dist.all_reduce_grads(self.model)
+            # Sum of every rank's (1/n_tokens-scaled) gradients = the one-process gradient
+            # (under FSDP the backward has reduce-scattered them already).
+            if not self.dist.sharded:
+                self.dist.all_reduce_grads(self.model)
             loss = self.dist.sum([loss])[0]
             info_sum = dict(zip(sorted(info_sum), self.dist.sum([info_sum[k] for k in sorted(info_sum)])))
             d_sum, d_n, e_sum = self.dist.sum([div_stats[0], div_stats[1], div_stats[4]])
@@ -420,7 +473,10 @@ class Trainer:
             raise NumericalError(
                 f"non-finite loss {loss} at step {self.state.step + 1}", sample_ids, self.state.step + 1
             )
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor, the global norm
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
         if not math.isfinite(grad_norm):
             self.opt.zero_grad(set_to_none=True)
             raise NumericalError(

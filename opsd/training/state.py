@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,8 +20,7 @@ from safetensors.torch import load_file, save_file
 STATE_FILE = "trainer_state.json"
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
     for idx, st in sd["state"].items():
@@ -32,22 +32,29 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         _, idx, name = key.split(".", 2)
         state.setdefault(int(idx), {})[name] = value
     for idx, scal in meta.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(scal)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_resume_point(folder: Path, model: torch.nn.Module, opt, sched, counters: dict) -> None:
-    """Atomically replace ``folder`` with the current training state."""
+def save_resume_point(folder: Path, model: torch.nn.Module, opt, sched, counters: dict, *,
+                      weights: dict | None = None, optimizer: dict | None = None) -> None:
+    """Atomically replace ``folder`` with the current training state.
+
+    ``weights`` / ``optimizer``: full state dicts gathered from a sharded model (FSDP), in the
+    layout of ``model.state_dict()`` / ``opt.state_dict()``; by default those of ``model``, ``opt``.
+    """
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if weights is None:
+        weights = model.state_dict()
+    weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     # Tied weights (embeddings = LM head) share storage; safetensors wants them once.
     seen: dict[int, str] = {}
     aliases: dict[str, str] = {}
@@ -59,7 +66,7 @@ def save_resume_point(folder: Path, model: torch.nn.Module, opt, sched, counters
         else:
             seen[ptr] = k
     save_file(weights, str(tmp / "model.safetensors"))
-    opt_tensors, opt_meta = _optimizer_tensors(opt)
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer if optimizer is not None else opt.state_dict())
     save_file(opt_tensors or {"_empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state()}
     save_file(rng, str(tmp / "rng.safetensors"))
@@ -81,16 +88,25 @@ def has_resume_point(folder: Path) -> bool:
     return (folder / STATE_FILE).exists()
 
 
-def load_resume_point(folder: Path, model: torch.nn.Module, opt, sched) -> dict:
-    """Restore model, optimizer, scheduler and RNG; returns the saved counters."""
+def load_resume_point(folder: Path, model: torch.nn.Module, opt, sched, *,
+                      load_state: Callable[[dict, dict], None] | None = None) -> dict:
+    """Restore model, optimizer, scheduler and RNG; returns the saved counters.
+
+    ``load_state(weights, optimizer_state)`` loads the full state dicts into a sharded model
+    (FSDP); by default ``model.load_state_dict`` and ``opt.load_state_dict``.
+    """
     meta = json.loads((folder / STATE_FILE).read_text())
     weights = load_file(str(folder / "model.safetensors"))
     for alias, target in meta.get("aliases", {}).items():
         weights[alias] = weights[target]
-    model.load_state_dict(weights, strict=True)
     opt_tensors = load_file(str(folder / "optimizer.safetensors"))
     opt_tensors.pop("_empty", None)
-    _load_optimizer(opt, opt_tensors, meta["optimizer"])
+    opt_state = _optimizer_state(opt_tensors, meta["optimizer"])
+    if load_state is not None:
+        load_state(weights, opt_state)
+    else:
+        model.load_state_dict(weights, strict=True)
+        opt.load_state_dict(opt_state)
     sched.last_epoch = meta["scheduler"]["last_epoch"]
     if hasattr(sched, "_step_count"):
         sched._step_count = meta["scheduler"]["_step_count"]
