@@ -106,3 +106,20 @@ def test_guided_decoding_with_shared_prefix_matches_plain_prefill(tiny_model_dir
     always = gen.generate(prompts, params, guidance=H.Guidance(model, contexts, threshold=1e-9,
                                                                min_teacher_prob=0.0, max_per_sample=2))
     assert all(len(o.guided) <= 2 for o in always) and any(o.guided for o in always)
+
+
+def test_repeated_prompts_are_encoded_once_and_decode_like_distinct_rows(tiny_model_dir):
+    """The n samples of one prompt share its prefill (cache row copied), with the same logits
+    as encoding every row, at the prefill and after a decode step."""
+    import opsd.backends.hf as H
+
+    tok, model, prompts = _setup(tiny_model_dir)
+    batch = [prompts[1], prompts[1], prompts[0], prompts[1], prompts[2], prompts[0]]
+    with torch.no_grad():
+        dedup, every = H._Decoder(model, tok.pad_token_id), H._Decoder(model, tok.pad_token_id)
+        a = dedup.prefill(batch, 4)
+        b = every._prefill(batch, 4, min_shared=32)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        nxt = torch.tensor([11, 12, 13, 14, 15, 16])
+        torch.testing.assert_close(dedup.advance(nxt), every.advance(nxt), atol=1e-4, rtol=0)
+        assert dedup.mask_BL.shape[0] == len(batch)

@@ -131,12 +131,25 @@ class _Decoder:
 
     def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                 min_shared: int = 32) -> torch.Tensor:
-        """Encode the prompts; a prefix common to all of them is encoded once.
+        """Encode the prompts; a prefix common to all of them is encoded once, and so is each
+        prompt that repeats (the n samples of one question): its row of the cache, the mask
+        and the logits are copied to the repeats.
 
         Layout per row: ``[shared prefix][pads][rest of the prompt]`` — the
         attention mask hides the pads and position ids skip them, so every row
         sees exactly its own prompt.
         """
+        first: dict[tuple, int] = {}
+        rows = [first.setdefault(tuple(p), len(first)) for p in prompts]
+        if len(first) == len(prompts):
+            return self._prefill(prompts, max_new_tokens, min_shared)
+        logits_UV = self._prefill([list(p) for p in first], max_new_tokens, min_shared)
+        idx = torch.tensor(rows, dtype=torch.long)
+        self.keep(idx)  # gathers with repeats: row b of the cache = its prompt's encoding
+        return logits_UV[idx]
+
+    def _prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 min_shared: int) -> torch.Tensor:
         B = len(prompts)
         shared = _common_prefix_len(prompts)
         shared = shared if shared >= min_shared and B > 1 else 0
@@ -165,7 +178,8 @@ class _Decoder:
         return self._forward(next_B[:, None], pos)
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Drop finished rows so later steps only compute live ones."""
+        """Keep (gather) these rows: drops finished rows so later steps only compute live ones;
+        repeated indices copy a row."""
         self.cache.batch_select_indices(rows)
         self.mask_BL = self.mask_BL[rows]
         self.next_pos_B = self.next_pos_B[rows]
