@@ -366,10 +366,9 @@ def reverse_kl_sampled_gathered(logp_s_N, teacher_logp_N, behaviour_logp_N=None,
         advantage_N = advantage_N - baseline_N.to(logp_s_N.dtype).detach()
     if clip is not None:
         advantage_N = advantage_N.clamp(-clip, clip)
-    weight_N = torch.ones_like(advantage_N)
-    if ratio_clip is not None and behaviour_logp_N is not None:
-        weight_N = (lp_s_N - behaviour_logp_N).exp().clamp(1.0 / ratio_clip, ratio_clip)
-    loss_N = -(weight_N * advantage_N).detach() * logp_s_N
+    # the same REINFORCE form as the reward term (ratio weight detached)
+    loss_N = policy_gradient(logp_s_N, behaviour_logp_N, advantage_N.detach(),
+                             ratio_clip=ratio_clip if behaviour_logp_N is not None else None)
     return loss_N, (lp_s_N - teacher_N).detach()
 
 
