@@ -184,13 +184,20 @@ class Pipeline:
 
     def _stage(self, label, stage, key, config, inputs, fn, *, force, require_cached, kind, after):
         t0 = time.perf_counter()
-        found = None if force else self.catalog.artifact(key)
-        if found is None and require_cached:
-            raise UpstreamMissing(
-                f"stage {label} (key {key}) is not in the catalog at {self.layout.root}; "
-                "run the whole pipeline first (opsd run CONFIG)"
-            )
-        self.catalog.start_stage(self.run_id, label, stage, key)
+        path = self.layout.artifact_dir(stage, key)
+        announced = False
+        if require_cached:
+            found = None if force else self.catalog.artifact(key)
+            if found is None:
+                raise UpstreamMissing(
+                    f"stage {label} (key {key}) is not in the catalog at {self.layout.root}; "
+                    "run the whole pipeline first (opsd run CONFIG)"
+                )
+            self.catalog.start_stage(self.run_id, label, stage, key)
+        else:
+            # one catalog transaction: look up, mark running, announce the artifact
+            found, announced = self.catalog.begin_stage(self.run_id, label, stage, key,
+                                                        reuse=not force, kind=kind or stage, path=path)
         stage_run = None
         if self.tracker:
             stage_run = self.tracker.start_stage(
@@ -230,26 +237,33 @@ class Pipeline:
         write_manifest(staging, manifest)
         # Announce, move, confirm: a kill at any point leaves either no folder or a folder the
         # catalog knows as 'publishing' (never reused; the next run recomputes and replaces it).
+        # The announcement went with the stage's start (begin_stage) unless a complete artifact
+        # is being recomputed; the confirmation goes with the stage's end (_record).
         nbytes, digest = dir_stats(staging)
         rows = int(manifest.get("samples", manifest.get("rows", manifest.get("steps", 0))) or 0)
-        path = self.layout.artifact_dir(stage, key)
-        self.catalog.record_artifact(key, stage, kind or stage, path, rows, nbytes, digest,
-                                     self.run_id, manifest, status="publishing")
+        record = dict(key=key, stage=stage, kind=kind or stage, path=path, rows=rows, nbytes=nbytes,
+                      content_hash=digest, producer_run_id=self.run_id, manifest=manifest)
+        if not announced:
+            self.catalog.record_artifact(**record, status="publishing")
         path = self.layout.publish(stage, key)
-        self.catalog.set_artifact_status(key, "complete")
         art = Artifact(key, path, manifest)
         art_extras = ctx.extras
-        self._record(label, stage, key, False, time.perf_counter() - t0, stage_run, art)
+        self._record(label, stage, key, False, time.perf_counter() - t0, stage_run, art,
+                     publish={**record, "path": path})
         self.say(f"stage {label}: done in {time.perf_counter() - t0:.1f}s → {path}")
         if after:
             after(art, stage_run)
         self.last_extras = art_extras
         return art
 
-    def _record(self, label, stage, key, cached, seconds, stage_run, art: Artifact) -> None:
+    def _record(self, label, stage, key, cached, seconds, stage_run, art: Artifact,
+                publish: dict | None = None) -> None:
+        """The stage's end in the catalog (``publish``: its new artifact becomes complete in the
+        same transaction) and in MLflow."""
         self.records.append(StageRecord(label, stage, key, cached, seconds))
         self.catalog.finish_stage(self.run_id, label, "cached" if cached else "completed",
-                                  cached=cached, seconds=seconds, mlflow_run_id=stage_run)
+                                  cached=cached, seconds=seconds, mlflow_run_id=stage_run,
+                                  artifact=publish)
         if self.tracker and stage_run:
             self.tracker.log_metrics(stage_run, _numbers(art.manifest))
             self.tracker.set_tags(stage_run, {"opsd.artifact_path": str(art.path)})

@@ -12,6 +12,7 @@ The bulky data stays in Parquet; the catalog's views read it in place.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -43,6 +44,8 @@ SCHEMA = [
         key VARCHAR PRIMARY KEY, stage VARCHAR, kind VARCHAR, path VARCHAR, rows BIGINT,
         bytes BIGINT, hash VARCHAR, status VARCHAR, created_at TIMESTAMP,
         producer_run_id VARCHAR, manifest_json VARCHAR)""",
+    # the SQL each Parquet view was last created with (a view is recreated when it changes)
+    "CREATE TABLE IF NOT EXISTS view_defs(view_name VARCHAR PRIMARY KEY, sql_hash VARCHAR)",
 ]
 
 # name → (stage folder, file glob inside an artifact, extra SELECT)
@@ -211,20 +214,55 @@ class Catalog:
 
     def start_stage(self, run_id: str, label: str, stage: str, key: str) -> None:
         with self._write() as con:
-            con.execute(
-                "INSERT OR REPLACE INTO stages VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                [run_id, label, stage, key, "running", False, _now(), None, None, None, None],
-            )
+            self._insert_stage(con, run_id, label, stage, key)
+
+    @staticmethod
+    def _insert_stage(con, run_id: str, label: str, stage: str, key: str) -> None:
+        con.execute(
+            "INSERT OR REPLACE INTO stages VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            [run_id, label, stage, key, "running", False, _now(), None, None, None, None],
+        )
+
+    def begin_stage(self, run_id: str, label: str, stage: str, key: str, *, reuse: bool,
+                    kind: str, path: Path) -> tuple[dict | None, bool]:
+        """One transaction at a stage's start: look the key up (``reuse``), mark the stage
+        running and, when the stage will compute, announce its artifact as 'publishing'.
+
+        Returns ``(complete artifact or None, announced)``. Nothing is announced over a complete
+        artifact being recomputed (``reuse=False``): it stays usable until the new one is
+        published (:meth:`record_artifact` 'publishing' right before the move, then)."""
+        with self._write() as con:
+            found = self._artifact_in(con, key) if reuse else None
+            self._insert_stage(con, run_id, label, stage, key)
+            announced = False
+            if found is None:
+                status = con.execute("SELECT status FROM artifacts WHERE key=?", [key]).fetchone()
+                if status is None or status[0] != "complete":
+                    con.execute(
+                        "INSERT OR REPLACE INTO artifacts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        [key, stage, kind, str(path), None, None, None, "publishing", _now(),
+                         run_id, "{}"],
+                    )
+                    announced = True
+        return found, announced
 
     def finish_stage(self, run_id: str, label: str, status: str, *, cached: bool = False,
                      seconds: float | None = None, mlflow_run_id: str | None = None,
-                     error: str | None = None) -> None:
+                     error: str | None = None, artifact: dict | None = None) -> None:
+        """Mark the stage finished; with ``artifact`` (the keyword arguments of
+        :meth:`record_artifact`) its published artifact becomes complete in the same
+        transaction. A failed stage's announced artifact is marked failed."""
         with self._write() as con:
+            if artifact is not None:
+                self._record_artifact(con, **artifact, status="complete")
             con.execute(
                 "UPDATE stages SET status=?, cached=?, finished_at=?, seconds=?, mlflow_run_id=?, "
                 "error=? WHERE run_id=? AND label=?",
                 [status, cached, _now(), seconds, mlflow_run_id, error, run_id, label],
             )
+            if status == "failed":
+                con.execute("UPDATE artifacts SET status='failed' WHERE status='publishing' AND key="
+                            "(SELECT key FROM stages WHERE run_id=? AND label=?)", [run_id, label])
 
     # ------------------------------------------------------------------ artifacts
 
@@ -232,13 +270,19 @@ class Catalog:
                         content_hash: str, producer_run_id: str, manifest: dict,
                         status: str = "complete") -> None:
         with self._write() as con:
-            con.execute(
-                "INSERT OR REPLACE INTO artifacts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                [key, stage, kind, str(path), rows, nbytes, content_hash, status, _now(),
-                 producer_run_id, json.dumps(manifest, sort_keys=True, default=str)],
-            )
-            if status == "complete":
-                self._refresh_views(con)
+            self._record_artifact(con, key, stage, kind, path, rows, nbytes, content_hash,
+                                  producer_run_id, manifest, status)
+
+    def _record_artifact(self, con, key: str, stage: str, kind: str, path: Path, rows: int,
+                         nbytes: int, content_hash: str, producer_run_id: str, manifest: dict,
+                         status: str = "complete") -> None:
+        con.execute(
+            "INSERT OR REPLACE INTO artifacts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            [key, stage, kind, str(path), rows, nbytes, content_hash, status, _now(),
+             producer_run_id, json.dumps(manifest, sort_keys=True, default=str)],
+        )
+        if status == "complete":
+            self._refresh_views(con)
 
     def set_artifact_status(self, key: str, status: str) -> None:
         with self._write() as con:
@@ -252,10 +296,14 @@ class Catalog:
     def artifact(self, key: str) -> dict | None:
         """The complete artifact with this key, if its files still exist."""
         with self._write() as con:  # tiny read; the lock keeps it consistent with writers
-            row = con.execute(
-                "SELECT key, stage, kind, path, rows, bytes, hash, manifest_json FROM artifacts "
-                "WHERE key=? AND status='complete'", [key]
-            ).fetchone()
+            return self._artifact_in(con, key)
+
+    @staticmethod
+    def _artifact_in(con, key: str) -> dict | None:
+        row = con.execute(
+            "SELECT key, stage, kind, path, rows, bytes, hash, manifest_json FROM artifacts "
+            "WHERE key=? AND status='complete'", [key]
+        ).fetchone()
         if row is None or not Path(row[3]).exists():
             return None
         return {
@@ -265,25 +313,40 @@ class Catalog:
 
     # ------------------------------------------------------------------ views
 
-    def _refresh_views(self, con: duckdb.DuckDBPyConnection) -> None:
-        made = set()
+    def _view_sql(self) -> dict[str, str]:
+        """The views that have files to read, with their SQL."""
+        out = {}
         for view, (stage, pattern) in PARQUET_VIEWS.items():
             folder = self.artifacts_root / stage
             if not any(folder.glob(f"*/{pattern}")):
                 continue
             glob = str(folder / "*" / pattern).replace("'", "''")
-            con.execute(
+            out[view] = (
                 f"CREATE OR REPLACE VIEW {view} AS SELECT * EXCLUDE (filename), "
                 f"regexp_extract(filename, '/{stage}/([^/]+)/[^/]+$', 1) AS artifact_key "
                 f"FROM read_parquet('{glob}', union_by_name=true, filename=true)"
             )
-            made.add(view)
-        if {"rollouts", "teacher_targets"} <= made:
-            con.execute(TEACHER_TOKENS_VIEW)
+        if {"rollouts", "teacher_targets"} <= set(out):
+            out["teacher_tokens"] = TEACHER_TOKENS_VIEW
+        return out
+
+    def _refresh_views(self, con: duckdb.DuckDBPyConnection, force: bool = False) -> None:
+        """(Re)create the Parquet views whose SQL changed or that do not exist yet.
+
+        A view re-globs its files (and unions new columns) at every query, so a new artifact
+        needs no new view; creating one makes DuckDB read every matching file's footer, a cost
+        that grows with the artifacts (it was paid after every stage)."""
+        want = self._view_sql()
+        have = dict(con.execute("SELECT view_name, sql_hash FROM view_defs").fetchall())
+        for view, sql in want.items():  # dicts keep order: teacher_tokens after its inputs
+            digest = hashlib.sha256(sql.encode()).hexdigest()[:16]
+            if force or have.get(view) != digest:
+                con.execute(sql)
+                con.execute("INSERT OR REPLACE INTO view_defs VALUES (?, ?)", [view, digest])
 
     def refresh_views(self) -> None:
         with self._write() as con:
-            self._refresh_views(con)
+            self._refresh_views(con, force=True)
 
     # ------------------------------------------------------------------ reading
 

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from opsd.backends.kvcache import make_cache
+from opsd.packing import allowed, kernel_mask, pack, supports_packing
 
 ProgressFn = Callable[[int], None]
 
@@ -302,8 +303,10 @@ class HFScorer:
     """Teacher log-probs over given response ids, with shared-prefix KV reuse."""
 
     def __init__(self, model, *, batch_size: int = 32, share_prefix: bool = True,
-                 min_shared_prefix: int = 32, logit_chunk: int = 64):
+                 min_shared_prefix: int = 32, logit_chunk: int = 64, pack: bool = True):
         self.model = model
+        # packed rows need a kernel that takes a custom mask (eager, SDPA)
+        self.pack = pack and supports_packing(model)
         self.batch_size = batch_size
         self.share_prefix = share_prefix
         self.min_shared_prefix = min_shared_prefix
@@ -388,24 +391,41 @@ class HFScorer:
     def _hidden_batch(self, seqs, n_resp, shared, cache_store) -> list[torch.Tensor]:
         B = len(seqs)
         suffixes = [s[shared:] for s in seqs]
-        L = max(len(s) for s in suffixes)
-        # Right padding: pads follow every real token, so causal attention needs no mask.
-        ids_BL = torch.zeros((B, L), dtype=torch.long)
-        for b, s in enumerate(suffixes):
-            ids_BL[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        # samples of one question share their context: encode it once (packed rows, block mask)
+        packed = pack([s[: len(s) - r] for s, r in zip(suffixes, n_resp)],
+                      [s[len(s) - r :] for s, r in zip(suffixes, n_resp)], 0) if self.pack else None
         kwargs = {}
+        if packed is not None:
+            ids_BL = packed.ids_BL
+            Bp, L = ids_BL.shape
+            kwargs["attention_mask"] = kernel_mask(self.model, allowed(packed.segment_BL, packed.root_BL,
+                                                                       shared))
+            kwargs["position_ids"] = packed.position_ids_BL + shared
+        else:
+            L = max(len(s) for s in suffixes)
+            Bp = B
+            # Right padding: pads follow every real token, so causal attention needs no mask.
+            ids_BL = torch.zeros((B, L), dtype=torch.long)
+            for b, s in enumerate(suffixes):
+                ids_BL[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+            if shared:
+                kwargs["position_ids"] = torch.arange(shared, shared + L)[None].expand(B, L)
         if shared:
             cache = copy.deepcopy(self._prefix(tuple(seqs[0][:shared]), cache_store))
-            cache.batch_repeat_interleave(B)
+            cache.batch_repeat_interleave(Bp)
             kwargs[self._cache_kw] = cache
-            kwargs["position_ids"] = torch.arange(shared, shared + L)[None].expand(B, L)
         hidden_BLH = self.decoder(input_ids=ids_BL, use_cache=bool(shared), **kwargs).last_hidden_state
-        self.stats["tokens_computed"] += B * L
-        self.stats["padding_tokens"] += B * L - sum(len(s) for s in suffixes)
+        self.stats["tokens_computed"] += Bp * L
+        real = sum(len(s) for s in suffixes) if packed is None else int((packed.segment_BL >= 0).sum())
+        self.stats["padding_tokens"] += Bp * L - real
         self.stats["tokens_total"] += sum(len(s) for s in seqs)
         out = []
         for b in range(B):
             r = n_resp[b]
+            if packed is not None:
+                row, cols = packed.predicting(b, r)
+                out.append(hidden_BLH[row, torch.from_numpy(cols)].clone())
+                continue
             end = len(suffixes[b])  # position of the last real token + 1 (in suffix coords)
             # the output at position t predicts token t+1: response tokens are the last r tokens.
             out.append(hidden_BLH[b, end - r - 1 : end - 1].clone())

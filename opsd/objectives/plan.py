@@ -66,7 +66,7 @@ def token_coefficients(batch, cfg: TrainConfig, stats: TokenStats | None = None,
     """
     n = batch.n_tokens
     r = cfg.rewards
-    seq_N, tokpos_N = batch.row_idx_N, batch.tokpos_N
+    seq_N, tokpos_N = batch.seq_N, batch.tokpos_N
     adv_N = batch.advantage_N if batch.advantage_N is not None else torch.zeros(n)
     passed_N = batch.passed_N if batch.passed_N is not None else torch.zeros(n, dtype=torch.bool)
     info: dict[str, float] = {}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from opsd.config import TrainConfig
 from opsd.objectives import divergences as D
 from opsd.objectives.plan import TokenStats, needs_stats, token_coefficients
+from opsd.packing import kernel_mask, supports_packing
 from opsd.training.batches import Batch, Example, collate, epoch_order
 
 
@@ -300,6 +301,31 @@ def attention_kernel(model, cfg: TrainConfig, seq_len: int):
         config._attn_implementation = current
 
 
+def decoder_inputs(model, batch: Batch) -> dict:
+    """Keyword arguments of the decoder's forward for this batch's layout: a packed batch adds
+    its position ids and its block mask (in the active attention kernel's form)."""
+    kw = {"input_ids": batch.input_ids_BL, "use_cache": False}
+    allowed_B1LL = batch.attention_allowed()
+    if allowed_B1LL is not None:
+        kw.update(attention_mask=kernel_mask(model, allowed_B1LL), position_ids=batch.position_ids_BL)
+    return kw
+
+
+def _cast_cache_scope(model, cfg: TrainConfig, forward):
+    """Keep autocast's bf16 weight casts from the forward through the backward.
+
+    autocast caches the cast of each weight for the region it is entered in and clears the
+    cache when its outermost region exits — before the backward, whose checkpoint recomputes
+    (decoder layers, logit chunks) then cast every weight again. An enclosing *disabled*
+    autocast region keeps the cache alive until the backward ends: the recompute reuses the
+    same bf16 tensors (identical values), one fp32→bf16 pass over the weights less per step.
+    Not under FSDP, whose gathered parameters are freed after use (the cache would keep a
+    full bf16 copy of them)."""
+    if cfg.autocast != "bfloat16" or forward is not None:
+        return nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, enabled=False)
+
+
 def micro_batch_loss(model, batch: Batch, cfg: TrainConfig, loss_scale: float, *,
                      teacher: LiveTeacher | None = None, progress: float = 0.0,
                      forward: "LossModule | None" = None):
@@ -308,7 +334,7 @@ def micro_batch_loss(model, batch: Batch, cfg: TrainConfig, loss_scale: float, *
     ``forward``: the :class:`LossModule` around ``model`` when it is FSDP-sharded (its forward
     hooks gather the parameters); by default the loss is computed on ``model`` directly.
     """
-    with attention_kernel(model, cfg, batch.input_ids_BL.shape[1]):
+    with attention_kernel(model, cfg, batch.input_ids_BL.shape[1]), _cast_cache_scope(model, cfg, forward):
         if forward is None:
             total, div, ent, info = _micro_batch_forward(model, batch, cfg, teacher=teacher,
                                                          progress=progress)
@@ -354,7 +380,7 @@ def _micro_batch_forward(model, batch: Batch, cfg: TrainConfig, *, teacher: Live
     device = next(model.parameters()).device
     plan_batch, batch = batch, batch.to(device)  # coefficients are planned on the CPU copy
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        hidden_BLH = decoder(input_ids=batch.input_ids_BL, use_cache=False).last_hidden_state
+        hidden_BLH = decoder(**decoder_inputs(model, batch)).last_hidden_state
         h_NH = hidden_BLH[batch.row_idx_N, batch.pos_idx_N]
         stats = None
         if needs_stats(cfg):
@@ -403,9 +429,15 @@ class Trainer:
                  teacher_model: torch.nn.Module | None = None, teacher_batch_size: int = 32,
                  share_prefix: bool = True, dist=None):
         self.model = model
-        if cfg.activation_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        if cfg.activation_checkpointing:
             # recompute each decoder layer in backward: activations of one layer instead of all
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # (transformers 5 renamed gradient_checkpointing_enable and deprecated the old name)
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False})
+            elif hasattr(model, "gradient_checkpointing_enable"):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.pack = cfg.share_prompts and supports_packing(model)
         # opsd.training.distributed.DataParallel: this rank trains on its share of every batch
         self.dist = dist
         self.cfg = cfg
@@ -443,7 +475,7 @@ class Trainer:
             want = int(self.dist.max(len(micro))) if self.forward is not None else 1
             micro += [examples[:1]] * max(0, want - len(micro))
         for m, part in enumerate(micro):
-            mb = collate(part, self.pad_id)
+            mb = collate(part, self.pad_id, pack=self.pack)
             # Token-mean over the whole optimiser batch, however it is split.
             scale = 1.0 / max(1, n_tokens) if m < n_real else 0.0
             loss, div, ent, info = micro_batch_loss(self.model, mb, cfg, scale, teacher=self.teacher,
