@@ -195,6 +195,7 @@ def _opsd_overrides(args, mode: str) -> list[str]:
               "retention.enabled=false", f"name=trl-match-{mode}",
               # TRL's run checkpoints activations too (gradient_checkpointing=True)
               "train.activation_checkpointing=true"]
+    common += list(args.set or [])  # a variant under study (--set KEY=VALUE)
     if mode == "online":
         return common + ["mode=online", "rollout.guidance.enabled=false",
                          "online.prompts_per_iteration=4", "online.steps_per_iteration=1",
@@ -354,6 +355,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "trl.json"))
     ap.add_argument("--no-docs", action="store_true")
     ap.add_argument("--render", action="store_true", help="only rewrite the docs table from --out")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="extra opsd config override for the opsd parts (repeatable)")
     ap.add_argument("--child", choices=PARTS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -375,6 +378,7 @@ def main(argv=None) -> None:
                "--root", str(Path(args.root) / part),
                "--model", args.model, "--steps", str(args.steps), "--eval-every", str(args.eval_every),
                "--max-new-tokens", str(args.max_new_tokens)]
+        cmd += [f"--set={kv}" for kv in args.set or []]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         res = None
         for line in proc.stdout:

@@ -160,6 +160,7 @@ def online_flow(
                     p.say(f"online: held-out compliance {ev['greedy'] * 100:.1f}% ≥ stop_at "
                           f"{stop_at * 100:.1f}% after iteration {it}: stopping early")
                     break
+        loop.wait_saved()  # the last resume point is complete before the run reports done
         policy = checkpoint_task(p, loop, chain)
         evals["after"] = evaluate_task(p, rows, data, policy, "evaluate/after", False, force)
         curve.append({"iteration": len(chain) - 1,
@@ -172,5 +173,10 @@ def online_flow(
         last = chain[-1]
         return finish_report(p, evals, rollouts=last[1], targets=last[2], extra=extra)
     except BaseException as err:
+        if "loop" in locals():
+            try:
+                loop.wait_saved()  # the writer thread does not outlive the flow
+            except BaseException:
+                pass  # the run's own error is the one to report
         p.finish("failed", error=f"{type(err).__name__}: {err}"[:2000])
         raise

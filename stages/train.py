@@ -264,7 +264,7 @@ def train_local(cfg: TrainConfig, rollouts: Artifact, targets: Artifact, init: P
         if teacher is None:
             raise ValueError(f"objective {cfg.objective!r} needs the teacher policy (live teacher)")
         teacher_model = ctx.pool.inference(teacher, teacher_dtype)
-    plan = plan_batches(len(examples), cfg)
+    plan = plan_batches(len(examples), cfg, [e.group for e in examples])
     trainer = Trainer(model, cfg, tokenizer.pad_token_id, total_steps=len(plan),
                       teacher_model=teacher_model, teacher_batch_size=teacher_batch_size, dist=dist)
     history: list[dict] = []

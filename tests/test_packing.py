@@ -148,3 +148,21 @@ def test_teacher_scoring_packed_equals_plain(attn, prefix_len):
         torch.testing.assert_close(a.sampled_logprob_R, b.sampled_logprob_R, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a.topk_logprobs_RK, b.topk_logprobs_RK, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a.tail_mass_R, b.tail_mass_R, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_batch_order_keeps_each_questions_samples_together():
+    from opsd.training.loop import plan_batches
+
+    groups = [f"q{i // 4}" for i in range(24)]  # 6 questions x 4 samples
+    cfg = TrainConfig(batch_size=8, epochs=2, batch_order="grouped")
+    plan = plan_batches(24, cfg, groups)
+    assert [e for e, _ in plan] == [0, 0, 0, 1, 1, 1]
+    for epoch in (0, 1):
+        seen = [i for e, idx in plan if e == epoch for i in idx]
+        assert sorted(seen) == list(range(24))  # every example once per epoch
+    for _, idx in plan:
+        assert len({groups[i] for i in idx}) == 2  # two whole questions per batch of 8
+    assert plan == plan_batches(24, cfg, groups)  # seeded
+    assert [idx for _, idx in plan[:3]] != [idx for _, idx in plan[3:]]  # reshuffled per epoch
+    shuffled = plan_batches(24, TrainConfig(batch_size=8, epochs=2), groups)
+    assert any(len({groups[i] for i in idx}) > 2 for _, idx in shuffled)

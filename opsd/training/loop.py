@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -311,21 +311,6 @@ def decoder_inputs(model, batch: Batch) -> dict:
     return kw
 
 
-def _cast_cache_scope(model, cfg: TrainConfig, forward):
-    """Keep autocast's bf16 weight casts from the forward through the backward.
-
-    autocast caches the cast of each weight for the region it is entered in and clears the
-    cache when its outermost region exits — before the backward, whose checkpoint recomputes
-    (decoder layers, logit chunks) then cast every weight again. An enclosing *disabled*
-    autocast region keeps the cache alive until the backward ends: the recompute reuses the
-    same bf16 tensors (identical values), one fp32→bf16 pass over the weights less per step.
-    Not under FSDP, whose gathered parameters are freed after use (the cache would keep a
-    full bf16 copy of them)."""
-    if cfg.autocast != "bfloat16" or forward is not None:
-        return nullcontext()
-    return torch.autocast(next(model.parameters()).device.type, enabled=False)
-
-
 def micro_batch_loss(model, batch: Batch, cfg: TrainConfig, loss_scale: float, *,
                      teacher: LiveTeacher | None = None, progress: float = 0.0,
                      forward: "LossModule | None" = None):
@@ -334,7 +319,7 @@ def micro_batch_loss(model, batch: Batch, cfg: TrainConfig, loss_scale: float, *
     ``forward``: the :class:`LossModule` around ``model`` when it is FSDP-sharded (its forward
     hooks gather the parameters); by default the loss is computed on ``model`` directly.
     """
-    with attention_kernel(model, cfg, batch.input_ids_BL.shape[1]), _cast_cache_scope(model, cfg, forward):
+    with attention_kernel(model, cfg, batch.input_ids_BL.shape[1]):
         if forward is None:
             total, div, ent, info = _micro_batch_forward(model, batch, cfg, teacher=teacher,
                                                          progress=progress)
@@ -534,11 +519,23 @@ class Trainer:
         return stats
 
 
-def plan_batches(n_examples: int, cfg: TrainConfig) -> list[tuple[int, list[int]]]:
-    """(epoch, example indices) for every optimiser step, in order. Partial last batches kept."""
+def plan_batches(n_examples: int, cfg: TrainConfig,
+                 groups: list[str] | None = None) -> list[tuple[int, list[int]]]:
+    """(epoch, example indices) for every optimiser step, in order. Partial last batches kept.
+
+    ``batch_order: grouped`` shuffles the groups (``groups[i]``: the question of example i)
+    instead of the examples, keeping each question's samples adjacent, so they share their
+    prompt in a packed micro-batch."""
     plan = []
     for epoch in range(cfg.epochs):
-        order = epoch_order(n_examples, cfg.seed, epoch)
+        if cfg.batch_order == "grouped" and groups is not None:
+            members: dict[str, list[int]] = {}
+            for i, g in enumerate(groups):
+                members.setdefault(g, []).append(i)
+            keys = list(members)
+            order = [i for gi in epoch_order(len(keys), cfg.seed, epoch) for i in members[keys[gi]]]
+        else:
+            order = epoch_order(n_examples, cfg.seed, epoch)
         for s in range(0, n_examples, cfg.batch_size):
             plan.append((epoch, order[s : s + cfg.batch_size]))
     return plan

@@ -43,11 +43,13 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_resume_point(folder: Path, model: torch.nn.Module, opt, sched, counters: dict, *,
-                      weights: dict | None = None, optimizer: dict | None = None) -> None:
+                      weights: dict | None = None, optimizer: dict | None = None,
+                      rng_state: torch.Tensor | None = None) -> None:
     """Atomically replace ``folder`` with the current training state.
 
     ``weights`` / ``optimizer``: full state dicts gathered from a sharded model (FSDP), in the
     layout of ``model.state_dict()`` / ``opt.state_dict()``; by default those of ``model``, ``opt``.
+    ``rng_state``: the torch RNG state to store (default: the current one).
     """
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -68,7 +70,7 @@ def save_resume_point(folder: Path, model: torch.nn.Module, opt, sched, counters
     save_file(weights, str(tmp / "model.safetensors"))
     opt_tensors, opt_meta = _optimizer_tensors(optimizer if optimizer is not None else opt.state_dict())
     save_file(opt_tensors or {"_empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
-    rng = {"torch": torch.get_rng_state()}
+    rng = {"torch": torch.get_rng_state() if rng_state is None else rng_state}
     save_file(rng, str(tmp / "rng.safetensors"))
     meta = {
         "counters": counters,
