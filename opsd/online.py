@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from opsd.backends.hf import HFGenerator, HFScorer
+from opsd.backends.prepack import refresh_from
 from opsd.config import PipelineConfig
 from opsd.data.rows import Row
 from opsd.pipeline import Pipeline, config_for_key
@@ -51,11 +52,9 @@ def iteration_prompts(train_rows: list[Row], cfg: PipelineConfig, iteration: int
     return ids
 
 
-@torch.no_grad()
 def refresh_copy(dst: torch.nn.Module, src: torch.nn.Module) -> None:
-    """Copy ``src``'s weights into ``dst`` in place (casting dtype): no reload, no realloc."""
-    for d, s in zip(dst.state_dict().values(), src.state_dict().values()):
-        d.copy_(s)
+    """Copy ``src``'s weights into ``dst`` in place (casting dtype; packed linears repacked)."""
+    refresh_from(dst, src)
 
 
 @torch.no_grad()
@@ -108,7 +107,8 @@ class OnlineLoop:
         self.chain_id = hashlib.sha256(canonical_json(chain).encode()).hexdigest()[:16]
         self.resume_dir = p.layout.tmp / f"online-{self.chain_id}" / "resume"
         self.plan_steps = self.cfg.online.iterations * self.cfg.online.steps_per_iteration
-        self._last_resume_save: float | None = None  # the first completed iteration always saves
+        # the interval runs from the loop's start: a short run writes no resume point at all
+        self._last_resume_save: float = time.monotonic()
         self._saver: threading.Thread | None = None  # a resume point being written
         self._save_error: BaseException | None = None
 
@@ -270,8 +270,7 @@ class OnlineLoop:
         if not every or (iteration + 1) % every:
             return
         now = time.monotonic()
-        if self._last_resume_save is not None and \
-                now - self._last_resume_save < self.cfg.online.resume_min_interval_s:
+        if now - self._last_resume_save < self.cfg.online.resume_min_interval_s:
             return
         self.wait_saved()
         self._last_resume_save = now

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from opsd.backends.kvcache import make_cache
+from opsd.backends.prepack import pack_linears
 from opsd.packing import allowed, kernel_mask, pack, supports_packing
 
 ProgressFn = Callable[[int], None]
@@ -458,8 +459,11 @@ def sequence_logprobs(model, contexts, responses, *, batch_size: int = 16) -> li
     return [t.sampled_logprob_R for t in scorer.score(contexts, responses, topk=1)]
 
 
-def cast_for_inference(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+def cast_for_inference(model: torch.nn.Module, dtype: torch.dtype, prepack: bool = True) -> torch.nn.Module:
     """An inference copy in ``dtype`` (the fp32 master stays untouched for training).
+
+    ``prepack``: a bf16 CPU copy holds its linear weights in oneDNN's blocked layout
+    (:mod:`opsd.backends.prepack`: identical outputs, ~20 % faster decoding here).
 
     Built tensor by tensor in the target dtype (``deepcopy`` with the cast tensors pre-seeded
     in its memo), not as a full-precision deep copy cast afterwards: that intermediate was a
@@ -478,6 +482,8 @@ def cast_for_inference(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.M
             if isinstance(t, torch.nn.Parameter) else cast
     clone = copy.deepcopy(model, memo)
     clone.eval()
+    if prepack:
+        pack_linears(clone)
     return clone
 
 
