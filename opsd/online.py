@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from opsd.backends.hf import HFGenerator, HFScorer
-from opsd.backends.prepack import refresh_from
+from opsd.backends.prepack import refresh_from, release_packed
 from opsd.config import PipelineConfig
 from opsd.data.rows import Row
 from opsd.pipeline import Pipeline, config_for_key
@@ -311,6 +311,10 @@ class OnlineLoop:
         cfg = self.cfg
         examples = train_stage.load_examples(rollouts, targets)
         self.wait_saved()  # the optimiser step changes the weights and moments being written
+        if res.infer is not res.teacher_model:
+            # its weights are rebuilt from the master after the step anyway (_sync_copies):
+            # free them for the step, whose memory peak is the run's
+            release_packed(res.infer)
         order = np.random.default_rng([cfg.train.seed, iteration]).permutation(len(examples))
         bs = cfg.train.batch_size
         stats = []

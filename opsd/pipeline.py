@@ -28,6 +28,7 @@ from typing import Any, Callable
 import yaml
 
 from opsd.config import PipelineConfig
+from opsd.memory import release_free_memory
 from opsd.pool import ModelPool
 from stages.common import Artifact, StageContext, write_manifest
 from storage.catalog import Catalog, env_catalog_timeout
@@ -223,6 +224,7 @@ class Pipeline:
             ctx.on_metrics = lambda m, step: tracker.log_metrics(rid, m, step)
         try:
             manifest = fn(ctx)
+            release_free_memory()  # the stage's working buffers, before the next stage's
         except BaseException as err:
             msg = f"{type(err).__name__}: {err}"
             self.catalog.finish_stage(self.run_id, label, "failed",

@@ -69,6 +69,11 @@ class ModelPool:
         del self.masters[policy.key]
         return model
 
+    def drop_copies(self, key: str, keep: torch.nn.Module | None = None) -> None:
+        """Forget the inference copies of ``key`` (all but ``keep``); they are rebuilt on demand."""
+        for k in [k for k, m in self.copies.items() if k[0] == key and m is not keep]:
+            self.copies.pop(k)
+
     def release(self, key: str) -> None:
         self.masters.pop(key, None)
         for k in [k for k in self.copies if k[0] == key]:

@@ -69,3 +69,16 @@ def test_fp32_copies_stay_plain():
     master = _master()
     assert cast_for_inference(master, torch.float32) is master  # no copy, nothing packed
     assert not any(isinstance(m, prepack.PackedLinear) for m in master.modules())
+
+
+def test_released_weights_fail_loudly_until_refreshed():
+    master = _master()
+    packed = cast_for_inference(master, torch.bfloat16)
+    ids = torch.randint(2, 101, (1, 4))
+    before = _logits(packed, ids)
+    prepack.release_packed(packed)
+    with pytest.raises(RuntimeError, match="released"):
+        _logits(packed, ids)
+    copy.deepcopy(packed)  # a released copy still copies
+    prepack.refresh_from(packed, master)
+    assert torch.equal(_logits(packed, ids), before)

@@ -72,6 +72,9 @@ class PackedLinear(torch.nn.Module):
         self.packed = _pack(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            raise RuntimeError("this inference copy's weights were released (release_packed) and "
+                               "not refreshed since")
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.bfloat16:
             x2 = x2.to(torch.bfloat16)
@@ -83,7 +86,8 @@ class PackedLinear(torch.nn.Module):
         memo[id(self)] = new
         torch.nn.Module.__init__(new)
         new.out_features, new.in_features = self.out_features, self.in_features
-        new.packed = self.packed.clone()  # opaque tensors have no storage for deepcopy
+        # opaque tensors have no storage for deepcopy
+        new.packed = None if self.packed is None else self.packed.clone()
         new.bias = copy.deepcopy(self.bias, memo)
         new.train(self.training)
         return new
@@ -107,6 +111,14 @@ def pack_linears(model: torch.nn.Module) -> int:
                 setattr(module, name, PackedLinear(w, child.bias))
                 n += 1
     return n
+
+
+def release_packed(model: torch.nn.Module) -> None:
+    """Free the packed weights of ``model`` until the next :func:`refresh_from` (an online
+    rollout copy while its master trains: the step's memory peak without that copy)."""
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            module.packed = None
 
 
 @torch.no_grad()

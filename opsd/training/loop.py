@@ -23,6 +23,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from opsd.config import TrainConfig
+from opsd.memory import release_free_memory
 from opsd.objectives import divergences as D
 from opsd.objectives.plan import TokenStats, needs_stats, token_coefficients
 from opsd.packing import kernel_mask, supports_packing
@@ -504,6 +505,7 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        release_free_memory()  # a step frees GBs in changing shapes: no creep over a long run
         self.state.step += 1
         dt = time.perf_counter() - t0
         stats = StepStats(
