@@ -263,7 +263,8 @@ class TeacherConfig(_Strict):
     share_prefix: bool = Field(
         True,
         description="Encode a privileged prefix shared by many rows once and reuse its "
-        "KV cache (exact up to float rounding).",
+        "KV cache, and the whole context of a question once for all of its samples (packed "
+        "rows); exact up to float rounding. false: every row encoded on its own.",
     )
     context: ContextConfig = Field(default_factory=ContextConfig)
     vllm: VLLMEngineConfig = Field(

@@ -304,10 +304,11 @@ class HFScorer:
     """Teacher log-probs over given response ids, with shared-prefix KV reuse."""
 
     def __init__(self, model, *, batch_size: int = 32, share_prefix: bool = True,
-                 min_shared_prefix: int = 32, logit_chunk: int = 64, pack: bool = True):
+                 min_shared_prefix: int = 32, logit_chunk: int = 64, pack: bool | None = None):
         self.model = model
-        # packed rows need a kernel that takes a custom mask (eager, SDPA)
-        self.pack = pack and supports_packing(model)
+        # the samples of a question also share their whole context (packed rows: needs a
+        # kernel that takes a custom mask, eager or SDPA); by default with share_prefix
+        self.pack = (share_prefix if pack is None else pack) and supports_packing(model)
         self.batch_size = batch_size
         self.share_prefix = share_prefix
         self.min_shared_prefix = min_shared_prefix
