@@ -10,7 +10,8 @@ training needs per response token: the sampled token's log-prob, the top-k ids
 and log-probs, and the tail mass ``1 - sum(top-k probs)``. Full-vocabulary
 log-probs never leave this module. Rows that share a long context prefix (the
 same demonstrations for every question of a rule) encode that prefix once and
-reuse its KV cache.
+reuse its KV cache, and the samples of one question share one encoding of the
+rest of their context (packed rows, :mod:`opsd.packing`).
 """
 
 from __future__ import annotations
