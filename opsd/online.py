@@ -52,11 +52,6 @@ def iteration_prompts(train_rows: list[Row], cfg: PipelineConfig, iteration: int
     return ids
 
 
-def refresh_copy(dst: torch.nn.Module, src: torch.nn.Module) -> None:
-    """Copy ``src``'s weights into ``dst`` in place (casting dtype; packed linears repacked)."""
-    refresh_from(dst, src)
-
-
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, src: torch.nn.Module, rate: float) -> None:
     for e, s in zip(ema.state_dict().values(), src.state_dict().values()):
@@ -158,10 +153,10 @@ class OnlineLoop:
         """After training: push new weights to the sampling copy and the teacher."""
         self.wait_saved()  # the EMA update changes a tensor being written
         res = self.res
-        refresh_copy(res.infer, res.master)
+        refresh_from(res.infer, res.master)
         if res.ema is not None:
             ema_update(res.ema, res.master, self.cfg.teacher.ema_rate)
-            refresh_copy(res.teacher_model, res.ema)
+            refresh_from(res.teacher_model, res.ema)
         self._sync_engines()
 
     def _sync_engines(self) -> None:
@@ -254,9 +249,9 @@ class OnlineLoop:
 
     def _sync_copies_no_ema(self) -> None:
         res = self.res
-        refresh_copy(res.infer, res.master)
+        refresh_from(res.infer, res.master)
         if res.ema is not None:
-            refresh_copy(res.teacher_model, res.ema)
+            refresh_from(res.teacher_model, res.ema)
         self._sync_engines()
 
     def _save_resume(self, iteration: int) -> None:

@@ -251,7 +251,7 @@ class Pipeline:
         art = Artifact(key, path, manifest)
         art_extras = ctx.extras
         self._record(label, stage, key, False, time.perf_counter() - t0, stage_run, art,
-                     publish={**record, "path": path})
+                     publish=record)
         self.say(f"stage {label}: done in {time.perf_counter() - t0:.1f}s → {path}")
         if after:
             after(art, stage_run)

@@ -284,11 +284,6 @@ class Catalog:
         if status == "complete":
             self._refresh_views(con)
 
-    def set_artifact_status(self, key: str, status: str) -> None:
-        with self._write() as con:
-            con.execute("UPDATE artifacts SET status=? WHERE key=?", [status, key])
-            self._refresh_views(con)
-
     def invalidate_artifact(self, key: str) -> None:
         with self._write() as con:
             con.execute("UPDATE artifacts SET status='invalid' WHERE key=?", [key])

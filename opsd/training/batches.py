@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from opsd.packing import allowed, pack
+from opsd import packing
 
 
 @dataclass
@@ -80,7 +80,7 @@ class Batch:
     def attention_allowed(self) -> torch.Tensor | None:
         """``[B, 1, L, L]`` bool, True where query position q may attend key position k
         (packed layout; ``None`` for the plain one, whose causal mask is implicit)."""
-        return None if self.segment_BL is None else allowed(self.segment_BL, self.root_BL)
+        return None if self.segment_BL is None else packing.allowed(self.segment_BL, self.root_BL)
 
     @property
     def n_tokens(self) -> int:
@@ -113,7 +113,7 @@ def _plain_layout(examples: list[Example], pad_id: int):
 
 
 def _packed_layout(examples: list[Example], pad_id: int):
-    packed = pack([e.prompt_ids for e in examples], [e.response_ids for e in examples], pad_id)
+    packed = packing.pack([e.prompt_ids for e in examples], [e.response_ids for e in examples], pad_id)
     if packed is None:
         return None
     rows, poss = [], []
