@@ -4,7 +4,7 @@
     python -m bench.bench_gpu --tiny --device cpu  # a smoke run anywhere (what the tests do)
 
 A random-weight Llama built from a config (no download: weights are irrelevant to speed) is
-trained by ``opsd.training.loop.Trainer`` — the same loop as the train stage: chunked LM head
+trained by ``opsd.training.trainer.Trainer`` — the same loop as the train stage: chunked LM head
 and log-softmax on response positions, top-k forward KL against synthetic cached targets,
 AdamW with fp32 master weights, bf16 autocast on CUDA. Reports, after ``--warmup`` steps,
 response tokens/s, all tokens/s, peak GPU memory, and MFU =
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
     from transformers import LlamaForCausalLM
 
     from opsd.config import TrainConfig
-    from opsd.training.loop import Trainer
+    from opsd.training.trainer import Trainer
 
     dev = torch.device(args.device)
     cfg_m = model_config(args.tiny)

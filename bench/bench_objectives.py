@@ -194,7 +194,7 @@ def run_one(name: str, args) -> dict:
 
     from opsd.config import TrainConfig
     from opsd.models import load_model, load_tokenizer, resolve_model_path
-    from opsd.training.loop import Trainer
+    from opsd.training.trainer import Trainer
 
     torch.manual_seed(0)
     path = resolve_model_path(args.model)

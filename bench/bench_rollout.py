@@ -33,8 +33,8 @@ def main(argv=None) -> dict:
     from opsd.data import load_rows
     from opsd.models import resolve_model_path
     from opsd.pool import ModelPool, base_policy
-    from stages import rollout as rollout_stage
-    from stages.common import StageContext
+    from opsd.stages import rollout as rollout_stage
+    from opsd.stages.common import StageContext
 
     policy = base_policy(resolve_model_path("smollm2-135m-instruct"))
     pool = ModelPool()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from storage.parquet import TEACHER, ROLLOUTS, write_table_atomic
+from opsd.storage.parquet import TEACHER, ROLLOUTS, write_table_atomic
 
 V = 49_152
 RESP = 48
@@ -94,11 +94,11 @@ def main(argv=None) -> dict:
               f"write {n * RESP / dt / 1e3:8.1f} k tokens/s")
 
     # DuckDB over ~1M response tokens of targets, through the catalog views.
-    from storage.catalog import Catalog
-    from storage.layout import Layout
+    from opsd.storage.catalog import Catalog
+    from opsd.storage.layout import Layout
 
     layout = Layout.at(work / "home")
-    cat = Catalog(layout.catalog, layout.artifacts)
+    cat = Catalog(layout)
     per_file = 4000
     files = max(1, args.tokens // (per_file * RESP))
     for i in range(files):

@@ -36,11 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _catalog(root: str):
-    from storage.catalog import Catalog
-    from storage.layout import Layout
+    from opsd.storage.catalog import Catalog
+    from opsd.storage.layout import Layout
 
     layout = Layout.at(root)
-    return Catalog(layout.catalog, layout.artifacts)
+    return Catalog(layout)
 
 
 def computed_seconds(root: str, run_id: str) -> dict[str, float]:
@@ -55,9 +55,9 @@ def computed_seconds(root: str, run_id: str) -> dict[str, float]:
 
 
 def run_offline(root: str, overrides: list[str]) -> dict:
-    from flows.offline import offline_flow
+    from opsd.flows.offline import offline_flow
     from opsd.config import load_config
-    from opsd.pipeline import new_run_id
+    from opsd.flows.runner import new_run_id
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
     run_id = f"{new_run_id()}-offline"
@@ -80,10 +80,10 @@ def _train_steps(root: str, run_id: str) -> int | None:
 
 
 def run_online(root: str, overrides: list[str]) -> dict:
-    from flows.online import online_flow
+    from opsd.flows.online import online_flow
     from opsd.config import load_config
-    from opsd.pipeline import new_run_id
-    from storage.layout import Layout
+    from opsd.flows.runner import new_run_id
+    from opsd.storage.layout import Layout
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", ["mode=online", *overrides])
     run_id = f"{new_run_id()}-online"

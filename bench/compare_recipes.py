@@ -42,11 +42,11 @@ RECIPES = ["quickstart", "lightning-opd", "opsd", "pw-opsd", "tip", "srpo", "sco
 
 
 def run_recipe(name: str, root: str, overrides: list[str], tag: str = "") -> dict:
-    from flows.offline import offline_flow
+    from opsd.flows.offline import offline_flow
     from opsd.config import load_config
-    from opsd.pipeline import new_run_id
-    from storage.catalog import Catalog
-    from storage.layout import Layout
+    from opsd.flows.runner import new_run_id
+    from opsd.storage.catalog import Catalog
+    from opsd.storage.layout import Layout
 
     cfg = load_config(ROOT / "configs" / f"{name}.yaml", overrides)
     run_id = f"{new_run_id()}-{name}"
@@ -55,7 +55,7 @@ def run_recipe(name: str, root: str, overrides: list[str], tag: str = "") -> dic
                            show_progress=False)
     wall = time.perf_counter() - t0
     layout = Layout.at(root)
-    cat = Catalog(layout.catalog, layout.artifacts)
+    cat = Catalog(layout)
     stages = cat.stages(run_id)
     # compute time of every stage the recipe needs, as measured by the run that computed it
     # (stages shared with an earlier recipe count for each recipe: the cost from scratch)

@@ -206,21 +206,21 @@ def _opsd_overrides(args, mode: str) -> list[str]:
 
 
 def _stage_seconds(root: str, run_id: str) -> list[dict]:
-    from storage.catalog import Catalog
-    from storage.layout import Layout
+    from opsd.storage.catalog import Catalog
+    from opsd.storage.layout import Layout
 
     layout = Layout.at(root)
-    return Catalog(layout.catalog, layout.artifacts).stages(run_id)
+    return Catalog(layout).stages(run_id)
 
 
 def run_opsd(args, mode: str) -> dict:
     """One opsd run (offline or online flow) on this rule; work time excludes evaluations."""
     t_start = time.perf_counter()
-    from flows.offline import offline_flow
-    from flows.online import online_flow
+    from opsd.flows.offline import offline_flow
+    from opsd.flows.online import online_flow
     from opsd.config import load_config
-    from opsd.pipeline import new_run_id
-    from storage.layout import Layout
+    from opsd.flows.runner import new_run_id
+    from opsd.storage.layout import Layout
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", _opsd_overrides(args, mode))
     run_id = f"{new_run_id()}-trl-{mode}"
@@ -253,10 +253,10 @@ def run_opsd(args, mode: str) -> dict:
                    if s["label"] not in evals and s["label"] != "dataset")
         curve = [{"step": 0, "greedy": metrics.get("eval.before.greedy"), "work_s": 0.0},
                  {"step": None, "greedy": metrics.get("eval.after.greedy"), "work_s": work}]
-        from storage.catalog import Catalog
+        from opsd.storage.catalog import Catalog
 
         train_art = next((s for s in stages if s["label"] == "train"), None)
-        cat = Catalog(Layout.at(args.root).catalog, Layout.at(args.root).artifacts)
+        cat = Catalog(Layout.at(args.root))
         steps = ((cat.artifact(train_art["key"]) or {}).get("manifest") or {}).get("steps") \
             if train_art else None
     train = next((s for s in stages if s["label"].startswith("train")), None)

@@ -56,11 +56,11 @@ def make_fixture(base: Path, model_dir: Path, n_train: int = 24, n_eval: int = 6
 
 
 def _catalog(root: Path):
-    from storage.catalog import Catalog
-    from storage.layout import Layout
+    from opsd.storage.catalog import Catalog
+    from opsd.storage.layout import Layout
 
     layout = Layout.at(root)
-    return Catalog(layout.catalog, layout.artifacts)
+    return Catalog(layout)
 
 
 def _run_ids(root: Path) -> set[str]:
@@ -114,7 +114,7 @@ def kill_during(recipe: Path, root: Path, label: str, rng: random.Random, window
 
 def corruption(root: Path) -> list[str]:
     """Problems: complete artifacts with missing/changed files, or unregistered artifact dirs."""
-    from storage.layout import dir_stats
+    from opsd.storage.layout import dir_stats
 
     cat = _catalog(root)
     _, rows = cat.query("SELECT key, path, hash, status FROM artifacts")
@@ -188,7 +188,7 @@ class StageResult:
 
 def run_stage_faults(base: Path, model_dir: Path, label: str, kills: int, seed: int,
                      reference: dict, window: float = 3.0) -> StageResult:
-    from flows.offline import offline_flow
+    from opsd.flows.offline import offline_flow
 
     cfg = make_fixture(base, model_dir)
     recipe = base / f"recipe-{label.replace('/', '-')}.yaml"
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import shutil
 
-    from flows.offline import offline_flow
+    from opsd.flows.offline import offline_flow
 
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)

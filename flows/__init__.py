@@ -1,4 +1,4 @@
-"""Prefect flows (thin): they chain stages; opsd.pipeline decides reuse."""
+"""Prefect flows (thin): they chain stages; opsd.flows.runner decides reuse."""
 
 from opsd.env import apply_defaults
 

@@ -20,13 +20,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from opsd.config import config_from_dict
-from opsd.pipeline import Pipeline
-from opsd import steps
-from opsd.reporting import finish_report
-from flows.shards import shard_runner
-from stages import dataset as dataset_stage
-from stages import retention as retention_stage
+from opsd.flows.runner import Pipeline
+from opsd.flows import steps
+from opsd.flows.reporting import finish_report
+from opsd.flows.shards import shard_runner
+from opsd.stages import retention as retention_stage
 
 # Caching is opsd's (content keys in the DuckDB catalog), not Prefect's: Prefect
 # would otherwise pickle task results to disk, and artifacts here are Parquet,
@@ -93,17 +91,13 @@ def offline_flow(
     ``start_at``: a stage name; stages before it must already be complete (reused).
     ``force``: stage labels to recompute even when complete (see ``steps.force_labels``).
     """
-    logger = get_run_logger()
-    cfg = config_from_dict(config, "flow parameters")
     force = list(force or [])
-    # Validate data and models before anything is written or computed.
-    rows = dataset_stage.load(cfg.data)
-    student, teacher = steps.resolve_policies(cfg)
-    steps.preflight(cfg, rows, student, teacher)
-    p = Pipeline(cfg, root, run_id, parent_run_id=parent_run_id, show_progress=show_progress,
-                 logger=logger.info)
-    p.start(prefect_flow_run_id=str(flow_run.get_id() or ""))
-    try:
+    p, rows, student, teacher = steps.open_run(
+        config, root=root, run_id=run_id, parent_run_id=parent_run_id,
+        show_progress=show_progress, logger=get_run_logger().info,
+        flow_run_id=str(flow_run.get_id() or ""))
+    cfg = p.cfg
+    with p.failing_on_error():
         data = dataset_task(p, rows, start_at, force)
         evals = {"before": evaluate_task(p, rows, data, student, "evaluate/before", False, force)}
         if cfg.eval.teacher_ceiling:
@@ -119,9 +113,5 @@ def offline_flow(
         _, trained = train_task(p, rollouts, targets, student, start_at, force, teacher, rows)
         evals["after"] = evaluate_task(p, rows, data, trained, "evaluate/after", False, force)
         retention = retention_task(p, student, trained, force)
-        metrics = finish_report(p, evals, rollouts=rollouts, targets=targets,
-                                extra=retention_stage.headline(retention))
-        return metrics
-    except BaseException as err:
-        p.finish("failed", error=f"{type(err).__name__}: {err}"[:2000])
-        raise
+        return finish_report(p, evals, rollouts=rollouts, targets=targets,
+                             extra=retention_stage.headline(retention))

@@ -11,28 +11,30 @@ from __future__ import annotations
 from prefect import flow
 
 from opsd.config import apply_overrides, config_from_dict
-from opsd.steps import force_labels
-from storage.catalog import Catalog, env_catalog_timeout
-from storage.layout import Layout
+from opsd.flows.pipeline import run_config
+from opsd.flows.steps import STAGE_ORDER, force_labels
+from opsd.storage.catalog import Catalog
+from opsd.storage.layout import Layout
+
+
+class RunNotFound(ValueError):
+    """The run to rerun a stage of is not in the catalog."""
 
 
 def rerun(stage: str, run_id: str, force: bool = False, overrides: list[str] | None = None,
           root: str | None = None, show_progress: bool = True) -> dict:
+    """Rerun ``stage`` of run ``run_id`` (config + ``overrides``) and everything after it."""
+    if stage not in STAGE_ORDER:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_ORDER)}")
     layout = Layout.at(root)
-    src = Catalog(layout.catalog, layout.artifacts, env_catalog_timeout()).run(run_id)
+    src = Catalog(layout).run(run_id)
     if src is None:
-        raise ValueError(f"no run {run_id!r} in the catalog at {layout.root}")
-    cfg = config_from_dict(apply_overrides(src["config"], overrides or []), f"run {run_id}")
-    kwargs = dict(config=cfg.model_dump(mode="json"), root=str(layout.root),
-                  parent_run_id=src["run_id"], start_at=None if stage == "evaluate" else stage,
-                  force=force_labels(stage) if force else [], show_progress=show_progress)
-    if cfg.mode == "online":
-        from flows.online import online_flow
-
-        return online_flow(**kwargs)
-    from flows.offline import offline_flow
-
-    return offline_flow(**kwargs)
+        raise RunNotFound(f"no run {run_id!r} in the catalog at {layout.root}; see `opsd runs`")
+    cfg = config_from_dict(apply_overrides(src["config"], overrides or []),
+                           f"run {src['run_id']} + --set")
+    return run_config(cfg, root=str(layout.root), parent_run_id=src["run_id"],
+                      start_at=None if stage == "evaluate" else stage,
+                      force=force_labels(stage) if force else [], show_progress=show_progress)
 
 
 @flow(name="opsd-stage-rollout")

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -42,25 +41,13 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 def _catalog(root: Optional[Path]):
-    from storage.catalog import Catalog, env_catalog_timeout
-    from storage.layout import Layout, resolve_root
+    from opsd.storage.catalog import Catalog
+    from opsd.storage.layout import Layout, resolve_root
 
     r = resolve_root(root)
     if not (r / "catalog.duckdb").exists():
         _fail(f"no catalog at {r}; run a pipeline first (opsd run CONFIG) or pass --root")
-    layout = Layout.at(r)
-    return Catalog(layout.catalog, layout.artifacts, env_catalog_timeout())
-
-
-def _run_flow(flow_kwargs: dict, mode: str) -> dict:
-    from opsd.errors import user_errors
-
-    with user_errors():
-        if mode == "online":
-            from flows.online import online_flow as flow_fn
-        else:
-            from flows.offline import offline_flow as flow_fn
-        return flow_fn(**flow_kwargs)
+    return Catalog(Layout.at(r))
 
 
 @app.command()
@@ -74,19 +61,18 @@ def run(
 ):
     """Run a pipeline from a recipe. Completed stages with the same key are reused."""
     from opsd.config import ConfigError, load_config
-    from opsd.errors import user_errors
+    from opsd.flows.errors import user_errors
 
     with user_errors():
         try:
             cfg = load_config(config, set_ or [], data)
         except ConfigError as err:
             _fail(str(err))
-        from opsd.steps import check_inputs
+        from opsd.flows.pipeline import run_config
+        from opsd.flows.steps import check_inputs
 
         check_inputs(cfg)  # bad data or models are refused before Prefect starts
-        kwargs = dict(config=json.loads(cfg.model_dump_json()), root=str(root) if root else None,
-                      run_id=run_id, show_progress=progress)
-        _run_flow(kwargs, cfg.mode)
+        run_config(cfg, root=str(root) if root else None, run_id=run_id, show_progress=progress)
 
 
 @app.command()
@@ -103,27 +89,18 @@ def stage(
     Upstream stages are taken from the catalog (they must exist); the result is a
     new run whose parent is --run, so the original stays as it was.
     """
-    from opsd.config import ConfigError, apply_overrides, config_from_dict
-    from opsd.steps import STAGE_ORDER, force_labels
+    from opsd.flows.errors import user_errors
+    from opsd.flows.stage_flows import RunNotFound, rerun
+    from opsd.flows.steps import STAGE_ORDER
 
     if name not in STAGE_ORDER:
         _fail(f"unknown stage {name!r}; choose one of {', '.join(STAGE_ORDER)}")
-    cat = _catalog(root)
-    try:
-        src = cat.run(run_id)
-    except ValueError as err:
-        _fail(str(err))
-    if src is None:
-        _fail(f"no run {run_id!r} in the catalog; see `opsd runs`")
-    try:
-        cfg = config_from_dict(apply_overrides(src["config"], set_ or []), f"run {src['run_id']} + --set")
-    except ConfigError as err:
-        _fail(str(err))
-    start_at = None if name == "evaluate" else name
-    kwargs = dict(config=json.loads(cfg.model_dump_json()), root=str(root) if root else None,
-                  parent_run_id=src["run_id"], start_at=start_at,
-                  force=force_labels(name) if force else [], show_progress=progress)
-    _run_flow(kwargs, cfg.mode)
+    _catalog(root)  # refuse a root without a catalog before Prefect starts
+    with user_errors():
+        try:
+            rerun(name, run_id, force, set_ or [], str(root) if root else None, progress)
+        except RunNotFound as err:
+            _fail(str(err))
 
 
 @app.command()
@@ -236,8 +213,8 @@ def ui(
     """Serve the MLflow UI for this root's tracking store."""
     import subprocess
 
-    from storage.layout import Layout
-    from storage.tracking import tracking_uri
+    from opsd.storage.layout import Layout
+    from opsd.storage.tracking import tracking_uri
 
     layout = Layout.at(root)
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -280,7 +257,7 @@ def config_show(
 @app.command("prepare-model")
 def prepare_model(name: str = typer.Argument("smollm2-135m-instruct", help="Built-in model name.")):
     """Convert a built-in model once into the local cache and print its folder."""
-    from opsd.errors import user_errors
+    from opsd.flows.errors import user_errors
     from opsd.models import resolve_model_path
 
     with user_errors():

@@ -17,14 +17,48 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from opsd import teachers as teacher_kinds
+from opsd.objectives import registry as objective_registry
+
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message says what and how to fix it."""
 
 
+def RunOnly(default: Any = ..., **kwargs: Any) -> Any:  # noqa: N802 - used like pydantic's Field
+    """A field that changes how (or how fast, how safely) a stage runs, not what it computes: it is
+    left out of every content key (:meth:`_Strict.key_dict`), so changing it reuses artifacts."""
+    return Field(default, json_schema_extra={"in_key": False}, **kwargs)
+
+
+def in_key(model: type[BaseModel], name: str) -> bool:
+    extra = model.model_fields[name].json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("in_key") is False)
+
+
 class _Strict(BaseModel):
     # Unknown keys are almost always typos ("learning_rate" for "lr"): refuse them.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def irrelevant(self) -> set[str]:
+        """Fields that cannot change this section's outputs given its other values (the settings
+        of an engine or feature that is off); left out of content keys like run-only fields."""
+        return set()
+
+    def key_dict(self) -> dict[str, Any]:
+        """This section as it enters a stage's content key: JSON values, without the fields
+        declared :func:`RunOnly` and those :meth:`irrelevant` now (recursively)."""
+        return _key_view(self, json.loads(self.model_dump_json()))
+
+
+def _key_view(model: _Strict, d: dict[str, Any]) -> dict[str, Any]:
+    drop = model.irrelevant()
+    for name in type(model).model_fields:
+        if name in drop or not in_key(type(model), name):
+            d.pop(name, None)
+        elif isinstance(getattr(model, name), _Strict):
+            d[name] = _key_view(getattr(model, name), d[name])
+    return d
 
 
 class ModelConfig(_Strict):
@@ -244,21 +278,31 @@ class RolloutConfig(_Strict):
         default_factory=VLLMEngineConfig, description="vLLM engine settings (backend=vllm only)."
     )
 
+    def irrelevant(self) -> set[str]:
+        out = set()
+        if self.backend != "vllm":
+            out.add("vllm")  # the settings of an engine that does not run
+        if not self.guidance.enabled:
+            out.add("guidance")
+        if self.sample_from == "student":
+            out.add("sample_from")  # the default: keys of recipes older than the field stay
+        return out
+
 
 class TeacherConfig(_Strict):
     model: ModelConfig | None = Field(
         None, description="External teacher (plain OPD). None: the student's own weights."
     )
-    kind: Literal["frozen", "live", "ema", "external"] = Field(
+    kind: Literal[teacher_kinds.KINDS] = RunOnly(  # type: ignore[valid-type]
         "frozen",
-        description="frozen: initial weights; live: current student; ema: EMA of the student; "
-        "external: teacher.model.",
+        description="frozen: initial weights; live: current student; ema: EMA of the student "
+        "(live and ema: online mode); external: teacher.model (opsd.teachers).",
     )
-    ema_rate: float = Field(0.05, gt=0.0, le=1.0, description="EMA update rate per iteration.")
+    ema_rate: float = RunOnly(0.05, gt=0.0, le=1.0, description="EMA update rate per iteration.")
     backend: Literal["hf", "vllm"] = Field("hf", description="Scoring engine.")
     topk: int = Field(20, ge=1, le=1024, description="Teacher top-k stored per response token.")
-    batch_size: int = Field(32, ge=1, description="Sequences scored together.")
-    shard_size: int = Field(512, ge=1, description="Samples per stored shard.")
+    batch_size: int = RunOnly(32, ge=1, description="Sequences scored together.")
+    shard_size: int = RunOnly(512, ge=1, description="Samples per stored shard.")
     dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="Scoring dtype.")
     share_prefix: bool = Field(
         True,
@@ -271,11 +315,12 @@ class TeacherConfig(_Strict):
         default_factory=VLLMEngineConfig, description="vLLM engine settings (backend=vllm only)."
     )
 
+    def irrelevant(self) -> set[str]:
+        return set() if self.backend == "vllm" else {"vllm"}
 
-OBJECTIVES = ("forward_kl_topk", "reverse_kl_sampled", "reverse_kl_topk", "jsd", "nll", "none")
-# Objectives whose teacher distribution is computed during training (teacher.context ids are
-# stored by the teacher stage in contexts.parquet); the others read the cached top-k targets.
-LIVE_OBJECTIVES = ("jsd",)
+
+# The objectives and what each needs live in one place: opsd.objectives.registry.
+OBJECTIVES = objective_registry.NAMES
 
 
 class DivergenceConfig(_Strict):
@@ -507,17 +552,17 @@ class TrainConfig(_Strict):
         "[logit_chunk, V] block of student (and live-teacher) logits at a time)."
     )
     seed: int = Field(0, description="Data order and init seed.")
-    save_every: int = Field(
+    save_every: int = RunOnly(
         50, ge=0, description="Save a resume point (weights, optimizer, RNG) every N steps so a "
         "killed train stage continues where it stopped (0: never)."
     )
-    world_size: int = Field(
+    world_size: int = RunOnly(
         1, ge=1, le=1024,
         description="Data-parallel processes for offline training. > 1 launches the train stage "
         "with torchrun on this machine: every optimiser batch is split across the ranks and the "
         "gradients are all-reduced (torch.distributed), so the update equals one process's.",
     )
-    sharding: Literal["ddp", "fsdp"] = Field(
+    sharding: Literal["ddp", "fsdp"] = RunOnly(
         "ddp",
         description="How the world_size > 1 ranks hold the model. ddp: every rank keeps the full "
         "weights, gradients and AdamW state (gradients all-reduced). fsdp: PyTorch FSDP2 "
@@ -526,7 +571,7 @@ class TrainConfig(_Strict):
         "embeddings/LM head) at a time - for models that do not fit one device; same update. "
         "Ignored when world_size is 1.",
     )
-    dist_backend: Literal["auto", "gloo", "nccl"] = Field(
+    dist_backend: Literal["auto", "gloo", "nccl"] = RunOnly(
         "auto", description="torch.distributed backend when world_size > 1 (auto: nccl with CUDA, "
         "else gloo)."
     )
@@ -534,19 +579,18 @@ class TrainConfig(_Strict):
     @property
     def live_teacher(self) -> bool:
         """True when the teacher's logits are computed during training (not read from the cache)."""
-        return self.objective in LIVE_OBJECTIVES or (
-            self.objective in ("forward_kl_topk", "reverse_kl_topk")
-            and self.divergence.topk_support == "student"
-        )
+        return objective_registry.get(self.objective).needs_live_teacher(self)
 
     @model_validator(mode="after")
     def _objective_consistent(self) -> "TrainConfig":
         r = self.rewards
-        if self.objective == "none" and r.rl_weight == 0 and r.routing == "none" and not self.trace.enabled:
+        objective = objective_registry.get(self.objective)
+        if (objective.divergence is None and r.rl_weight == 0 and r.routing == "none"
+                and not self.trace.enabled):
             raise ValueError("objective=none trains nothing: set rewards.rl_weight, rewards.routing "
                              "or trace.enabled")
         if (self.advantage.reward_scale != 1.0 or self.advantage.baseline != "none") and (
-                self.objective != "reverse_kl_sampled"):
+                not objective.advantage):
             raise ValueError("advantage.reward_scale / advantage.baseline apply to "
                              "objective=reverse_kl_sampled only")
         if r.routing != "none" and r.rl_weight == 0:
@@ -554,21 +598,21 @@ class TrainConfig(_Strict):
                              "set rewards.rl_weight > 0")
         if r.routing != "none" and self.trace.enabled:
             raise ValueError("rewards.routing and trace.enabled both route tokens; pick one")
-        if self.divergence.topk_support == "student" and self.objective not in (
-                "forward_kl_topk", "reverse_kl_topk"):
+        if (self.divergence.topk_support == "student"
+                and not objective.topk_support):
             raise ValueError("divergence.topk_support=student applies to forward_kl_topk/reverse_kl_topk")
         return self
 
 
 class EvalConfig(_Strict):
     max_new_tokens: int = Field(64, ge=1, le=32768, description="Response length cap.")
-    batch_size: int = Field(64, ge=1, description="Sequences generated together.")
+    batch_size: int = RunOnly(64, ge=1, description="Sequences generated together.")
     samples: int = Field(
         0, ge=0, le=256, description="k sampled replies per prompt for avg@k/pass@k/maj@k "
         "(0: greedy only)."
     )
     temperature: float = Field(1.0, gt=0.0, le=10.0, description="Temperature of sampled eval.")
-    teacher_ceiling: bool = Field(
+    teacher_ceiling: bool = RunOnly(
         True, description="Also evaluate the teacher with its privileged context."
     )
     seed: int = Field(1234, description="Seed of sampled eval.")
@@ -578,34 +622,34 @@ class EvalConfig(_Strict):
 class RetentionConfig(_Strict):
     """Forgetting check on general prompts without any rule (stages/retention.py)."""
 
-    enabled: bool = Field(
+    enabled: bool = RunOnly(
         False,
         description="After evaluate/after: the trained student's mean log-likelihood of the base "
         "model's own greedy replies and their exact-match rate, relative to the base model.",
     )
     prompts: int = Field(32, ge=1, le=32, description="How many of the 32 built-in prompts to use.")
     max_new_tokens: int = Field(48, ge=1, le=4096, description="Length cap of the greedy replies.")
-    batch_size: int = Field(32, ge=1, description="Sequences generated/scored together.")
+    batch_size: int = RunOnly(32, ge=1, description="Sequences generated/scored together.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Generation/scoring dtype.")
 
 
 class OnlineConfig(_Strict):
     """Online mode: every iteration samples from the current student."""
 
-    iterations: int = Field(30, ge=1, le=100000, description="Rollout → teacher → train iterations.")
+    iterations: int = RunOnly(30, ge=1, le=100000, description="Rollout → teacher → train iterations.")
     prompts_per_iteration: int = Field(
         8, ge=1, description="Train prompts sampled per iteration (× rollout.n replies)."
     )
     steps_per_iteration: int = Field(
         1, ge=1, description="Optimiser steps per iteration over that iteration's samples."
     )
-    eval_every: int = Field(
+    eval_every: int = RunOnly(
         0, ge=0, description="Evaluate the student every N iterations (0: only at the end)."
     )
-    resume_every: int = Field(
+    resume_every: int = RunOnly(
         1, ge=0, description="Save the rolling resume point every N iterations (0: never)."
     )
-    resume_min_interval_s: float = Field(
+    resume_min_interval_s: float = RunOnly(
         300.0, ge=0.0,
         description="...and at most once per this many seconds of the run (the first one, too, "
         "only after this long): a resume point writes the weights and optimiser state (≈ 1.6 GB "
@@ -613,7 +657,7 @@ class OnlineConfig(_Strict):
         "replays the optimiser steps since the last point from their cached rollouts and targets "
         "(≈ 1/3 of an iteration's time). 0: every resume_every iterations.",
     )
-    stop_at: float | None = Field(
+    stop_at: float | None = RunOnly(
         None, ge=0.0, le=1.0,
         description="Stop after the first periodic evaluation (eval_every) whose held-out greedy "
         "compliance reaches this fraction; the checkpoint and final evaluation then follow as usual.",
@@ -720,8 +764,15 @@ class PipelineConfig(_Strict):
                 raise ValueError("train.trace with train.world_size > 1 is not supported yet")
         if self.rollout.guidance.enabled and self.rollout.backend != "hf":
             raise ValueError("rollout.guidance needs rollout.backend=hf (lockstep decoding)")
-        if self.teacher.kind == "external" and self.teacher.model is None:
-            raise ValueError("teacher.kind=external needs teacher.model.name")
+        kind = teacher_kinds.get(self.teacher.kind)
+        if kind.online_only and self.mode != "online":
+            raise ValueError(
+                f"teacher.kind={kind.name} ({kind.summary}) differs from a frozen teacher only when "
+                "the student changes between teacher passes, which happens in online mode; offline, "
+                "the teacher scores the rollouts once before training. Use mode: online, or "
+                "teacher.kind: frozen (a live teacher inside offline training: train.objective: jsd)")
+        if kind.needs_model and self.teacher.model is None:
+            raise ValueError(f"teacher.kind={kind.name} needs teacher.model.name")
         t_roll, t_train = self.rollout.temperature, self.train.temperature
         if t_roll > 0 and t_roll != t_train and not self.train.allow_temperature_mismatch:
             raise ValueError(
@@ -729,11 +780,6 @@ class PipelineConfig(_Strict):
                 "would score the replies under another distribution than the one that sampled them; "
                 "use one temperature, or set train.allow_temperature_mismatch=true"
             )
-        if self.mode == "online" and (self.train.live_teacher or self.train.trace.enabled):
-            # The online loop builds its Trainer without a teacher model and loads examples
-            # without rows/tokenizer (opsd/online.py); refuse rather than train silently wrong.
-            raise ValueError("live-teacher objectives and train.trace run in offline mode only "
-                             "(the online loop does not pass the teacher model / span rows yet)")
         if self.mode == "online" and (self.runner.kind != "threads" or self.runner.workers > 1):
             raise ValueError(
                 f"runner.kind={self.runner.kind} / runner.workers={self.runner.workers}: sharded "
@@ -746,10 +792,6 @@ class PipelineConfig(_Strict):
                 raise ValueError("rollout.sample_from=teacher samples from the teacher already; "
                                  "disable rollout.guidance")
         return self
-
-    def section(self, name: str) -> dict[str, Any]:
-        """A JSON-safe dict of one section, as hashed into stage keys."""
-        return json.loads(getattr(self, name).model_dump_json())
 
 
 # --------------------------------------------------------------------------- loading

@@ -16,17 +16,9 @@ import torch
 
 from opsd.backends.hf import cast_for_inference
 from opsd.models import load_model, load_tokenizer, model_fingerprint
+from opsd.policy import Policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class Policy:
-    """A model identity used by stages: where its weights are and its content key."""
-
-    key: str  # fingerprint of the weights (base model) or the train artifact key
-    path: Path
-    label: str = ""  # human name: "base", "iter-3", "teacher"
 
 
 @dataclass
@@ -72,11 +64,6 @@ class ModelPool:
     def drop_copies(self, key: str, keep: torch.nn.Module | None = None) -> None:
         """Forget the inference copies of ``key`` (all but ``keep``); they are rebuilt on demand."""
         for k in [k for k, m in self.copies.items() if k[0] == key and m is not keep]:
-            self.copies.pop(k)
-
-    def release(self, key: str) -> None:
-        self.masters.pop(key, None)
-        for k in [k for k in self.copies if k[0] == key]:
             self.copies.pop(k)
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from opsd.config import DataConfig
 from opsd.data import load_rows, rows_from_table, rows_to_table
 from opsd.data.rows import Row
-from stages.common import Artifact, StageContext
-from storage.parquet import read_table, write_table_atomic
+from opsd.stages.common import Artifact, StageContext
+from opsd.storage.parquet import read_table, write_table_atomic
 
 
 def select(rows: list[Row], cfg: DataConfig) -> list[Row]:

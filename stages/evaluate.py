@@ -24,8 +24,8 @@ from opsd.data.rows import Row
 from opsd.data.verifiers import final_answer, normalize
 from opsd.metrics import macro, majority_passed, pass_at_k
 from opsd.pool import Policy
-from stages.common import StageContext
-from storage.parquet import EVAL_SAMPLES, shard_name, write_table_atomic
+from opsd.stages.common import StageContext
+from opsd.storage.parquet import EVAL_SAMPLES, shard_name, write_table_atomic
 
 
 def _engine_cfg(cfg: EvalConfig, backend: str) -> RolloutConfig:

@@ -29,8 +29,8 @@ from opsd.config import RetentionConfig
 from opsd.context.render import student_ids
 from opsd.data.rows import Row
 from opsd.pool import Policy
-from stages.common import Artifact, StageContext
-from storage.parquet import read_table, write_table_atomic
+from opsd.stages.common import Artifact, StageContext
+from opsd.storage.parquet import read_table, write_table_atomic
 
 # Neutral, rule-free questions of the kind an instruct model answers every day (none of them
 # overlaps the behaviours suite's questions).

@@ -25,10 +25,10 @@ from opsd.context.render import build_context, student_ids, student_turn_ids, te
 from opsd.data import verify
 from opsd.data.rows import Row
 from opsd.pool import Policy
-from stages.common import StageContext, shard_seed
-from stages.shards import (InlineShards, ShardRunner, free_masters, summary, worker_id,
+from opsd.stages.common import StageContext, shard_seed
+from opsd.stages.shards import (InlineShards, ShardRunner, free_masters, summary, worker_id,
                            worker_pool)
-from storage.parquet import ROLLOUTS, completed_shards, shard_name, write_table_atomic
+from opsd.storage.parquet import ROLLOUTS, completed_shards, shard_name, write_table_atomic
 
 
 def sample_rows(
@@ -190,7 +190,7 @@ def run(
 
 
 def summarize(ctx: StageContext, seconds: float, tokens: int, generated: int) -> dict:
-    from storage.parquet import read_table
+    from opsd.storage.parquet import read_table
 
     t = read_table(ctx.out_dir, columns=["n_tokens", "passed", "finish_reason", "guided_positions"]).to_pydict()
     passed = [p for p in t["passed"] if p is not None]

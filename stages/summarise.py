@@ -17,8 +17,8 @@ import pyarrow as pa
 from opsd.backends.hf import HFGenerator, SamplingParams
 from opsd.config import SummariseConfig
 from opsd.pool import Policy
-from stages.common import Artifact, StageContext
-from storage.parquet import read_table, write_table_atomic
+from opsd.stages.common import Artifact, StageContext
+from opsd.storage.parquet import read_table, write_table_atomic
 
 SKILLS = pa.schema(
     [

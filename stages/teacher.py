@@ -25,10 +25,10 @@ from opsd.config import TeacherConfig
 from opsd.context.render import build_context, check_length, student_ids, student_turn_ids, teacher_ids
 from opsd.data.rows import Row
 from opsd.pool import Policy
-from stages.common import Artifact, StageContext, ids_hash
-from stages.shards import (InlineShards, ShardRunner, free_masters, summary, worker_id,
+from opsd.stages.common import Artifact, StageContext, ids_hash
+from opsd.stages.shards import (InlineShards, ShardRunner, free_masters, summary, worker_id,
                            worker_pool)
-from storage.parquet import (CONTEXTS, CONTEXTS_FILE, TEACHER, completed_shards, read_table, shard_name,
+from opsd.storage.parquet import (CONTEXTS, CONTEXTS_FILE, TEACHER, completed_shards, read_table, shard_name,
                              write_table_atomic)
 
 

@@ -20,12 +20,13 @@ import numpy as np
 
 from opsd.config import TrainConfig
 from opsd.objectives import mixing
+from opsd.objectives import registry as objective_registry
 from opsd.pool import Policy
 from opsd.training.batches import Example
-from opsd.training.loop import NumericalError, Trainer, plan_batches
+from opsd.training.trainer import NumericalError, Trainer, plan_batches
 from opsd.training.state import has_resume_point, load_resume_point, save_resume_point
-from stages.common import Artifact, StageContext, ids_hash
-from storage.parquet import CONTEXTS_FILE, TRAIN_METRICS, read_table, write_table_atomic
+from opsd.stages.common import Artifact, StageContext, ids_hash
+from opsd.storage.parquet import CONTEXTS_FILE, TRAIN_METRICS, read_table, write_table_atomic
 
 
 log = logging.getLogger("opsd")
@@ -178,7 +179,8 @@ def run(
     if rollout_temperature not in (None, 0.0) and rollout_temperature != cfg.temperature:
         log.warning("train.temperature=%s differs from rollout.temperature=%s "
                     "(allow_temperature_mismatch)", cfg.temperature, rollout_temperature)
-    if cfg.temperature != 1.0 and not cfg.live_teacher and cfg.objective != "nll":
+    if (cfg.temperature != 1.0 and not cfg.live_teacher
+            and not objective_registry.get(cfg.objective).temperature_free):
         log.warning("train.temperature=%s: the cached teacher targets are temperature-1 log-probs; "
                     "only the student's logits are tempered", cfg.temperature)
     if cfg.world_size > 1:
@@ -319,6 +321,46 @@ def train_local(cfg: TrainConfig, rollouts: Artifact, targets: Artifact, init: P
             (ctx.out_dir / "train_summary.json").write_text(json.dumps(summary))
     ctx.extras["trained_model"] = model
     return {**summary, "history": history}
+
+
+def online_steps(trainer: Trainer, cfg: TrainConfig, rollouts: Artifact, targets: Artifact,
+                 iteration: int, steps: int, *, rows: list | None = None, tokenizer=None) -> list[dict]:
+    """The optimiser steps of one online iteration on that iteration's samples (a resident
+    ``trainer``: its model, AdamW state and schedule carry over between iterations).
+
+    Step ``s`` trains on samples ``order[s·B .. s·B + B)`` (wrapping around) of a permutation
+    seeded by ``(train.seed, iteration)``, so a replay after a crash takes the same batches. The
+    examples are loaded with ``cfg`` like offline ones: GRPO advantages (``advantage_eps``),
+    SCOPE weights (``scope_tau``), the teacher's context ids for live-teacher objectives and
+    TRACE spans (``rows``, ``tokenizer``).
+    """
+    examples = load_examples(rollouts, targets, cfg, rows=rows, tokenizer=tokenizer)
+    if not examples:
+        raise TargetMismatch(f"no trainable examples in {rollouts.path}")
+    order = np.random.default_rng([cfg.seed, iteration]).permutation(len(examples))
+    bs = cfg.batch_size
+    stats = []
+    for s in range(steps):
+        idx = [order[(s * bs + j) % len(order)] for j in range(min(bs, len(order)))]
+        st = trainer.step([examples[j] for j in idx], epoch=iteration).as_dict()
+        st["iteration"] = iteration
+        stats.append(st)
+    return stats
+
+
+def online_manifest(stats: list[dict], cfg: TrainConfig, iteration: int, seconds: float,
+                    ctx: StageContext) -> dict:
+    """Write one online iteration's metrics (``metrics.parquet``, MLflow) and return its manifest."""
+    if ctx.on_metrics:
+        for st in stats:
+            ctx.on_metrics({k: v for k, v in st.items() if k != "step"}, st["step"])
+    write_history(stats, ctx.out_dir / "metrics.parquet")
+    tokens = sum(s["tokens"] for s in stats)
+    return {
+        "iteration": iteration, "steps": len(stats), "tokens_trained": tokens, "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds else None, "final_loss": stats[-1]["loss"],
+        "final_kl": stats[-1]["kl"], "objective": cfg.objective, "live_teacher": cfg.live_teacher,
+    }
 
 
 def write_history(history: list[dict], path: Path) -> None:

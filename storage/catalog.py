@@ -11,7 +11,6 @@ The bulky data stays in Parquet; the catalog's views read it in place.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +24,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import duckdb
+from filelock import FileLock, Timeout
+
+from opsd.storage.layout import Layout
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS runs(
@@ -90,11 +92,14 @@ def _now() -> datetime:
 
 
 class Catalog:
-    def __init__(self, path: Path, artifacts_root: Path, lock_timeout: float = 600.0):
-        self.path = Path(path)
-        self.artifacts_root = Path(artifacts_root)
+    """The catalog of one artifact root (``layout``). ``lock_timeout``: how long a write waits
+    for another process's transaction (default ``$OPSD_CATALOG_TIMEOUT`` or 600 s)."""
+
+    def __init__(self, layout: Layout, lock_timeout: float | None = None):
+        self.path = layout.catalog
+        self.artifacts_root = layout.artifacts
         self.lock_path = self.path.with_name(self.path.name + ".lock")
-        self.lock_timeout = lock_timeout
+        self.lock_timeout = env_catalog_timeout() if lock_timeout is None else lock_timeout
         with self._write() as con:
             for stmt in SCHEMA:
                 con.execute(stmt)
@@ -104,22 +109,13 @@ class Catalog:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a+") as fh:
-            deadline = time.monotonic() + self.lock_timeout
-            while True:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise CatalogBusy(
-                            f"catalog {self.path} stayed locked for {self.lock_timeout:.0f}s"
-                        ) from None
-                    time.sleep(0.05)
-            try:
+        try:
+            with FileLock(self.lock_path, timeout=self.lock_timeout, poll_interval=0.05):
                 yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        except Timeout:
+            raise CatalogBusy(f"catalog {self.path} stayed locked for {self.lock_timeout:.0f}s; "
+                              "another opsd process holds it (raise OPSD_CATALOG_TIMEOUT to wait "
+                              "longer)") from None
 
     @contextmanager
     def _write(self) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -8,17 +8,17 @@ file store); set ``MLFLOW_TRACKING_URI`` to use a server instead.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import re
 import shutil
-from contextlib import contextmanager
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
+
+from filelock import FileLock
 
 EXPERIMENT = "opsd"
 
@@ -61,17 +61,6 @@ def safe_params(params: dict) -> dict[str, str]:
         text = v if isinstance(v, str) else json.dumps(v, default=str)
         out[k[:250]] = text[:_MAX_PARAM]
     return out
-
-
-@contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class _Retrying:
@@ -133,7 +122,8 @@ class Tracker:
             _forget_cached_store(self.uri)
         # Creating the SQLite schema and the experiment is not safe for two processes at
         # once (both try CREATE TABLE): serialise the first contact with a file lock.
-        with _file_lock(Path(mlflow_db).with_name(Path(mlflow_db).name + ".lock")):
+        Path(mlflow_db).parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(Path(mlflow_db).with_name(Path(mlflow_db).name + ".lock")):
             self.client = _Retrying(MlflowClient(tracking_uri=self.uri))
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:

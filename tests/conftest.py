@@ -60,3 +60,40 @@ def tiny_model_dir(tmp_path_factory, smol_path) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_model_dir, tmp_path_factory):
+    """Rollouts and teacher targets of a tiny random model on a 6-question dataset (plain stage
+    functions, no flow): what the objective tests train on."""
+    import shutil
+
+    from opsd.config import PipelineConfig
+    from opsd.data import load_rows
+    from opsd.pool import ModelPool, base_policy
+    from opsd.stages import rollout as rollout_stage
+    from opsd.stages import teacher as teacher_stage
+    from opsd.stages.common import Artifact, StageContext
+    from tests.helpers import objectives_dataset
+
+    base = tmp_path_factory.mktemp("objectives")
+    rows = load_rows(str(objectives_dataset(base / "data.jsonl")))
+    cfg = PipelineConfig.model_validate({
+        "model": {"name": str(tiny_model_dir)},
+        "rollout": {"n": 4, "max_new_tokens": 8, "batch_size": 8, "dtype": "float32", "seed": 3},
+        "teacher": {"topk": 5, "dtype": "float32"},
+    })
+    pool = ModelPool()
+    policy = base_policy(Path(tiny_model_dir))
+
+    def ctx(name):
+        (base / name).mkdir()
+        return StageContext(out_dir=base / name, pool=pool, show_progress=False)
+
+    rollout_stage.run(cfg.rollout, rows, policy, ctx("rollout"))
+    rollouts = Artifact("rk", base / "rollout")
+    teacher_stage.run(cfg.teacher, rows, rollouts, policy, ctx("teacher"))
+    targets = Artifact("tk", base / "teacher")
+    yield {"rows": rows, "rollouts": rollouts, "targets": targets, "policy": policy, "pool": pool,
+           "base": base}
+    shutil.rmtree(base, ignore_errors=True)  # small CI disks

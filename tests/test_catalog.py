@@ -6,11 +6,12 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.catalog import Catalog
+from opsd.storage.layout import Layout
+from opsd.storage.catalog import Catalog
 
 
 def _catalog(tmp_path) -> Catalog:
-    return Catalog(tmp_path / "catalog.duckdb", tmp_path / "artifacts")
+    return Catalog(Layout.at(tmp_path))
 
 
 def _publish(tmp_path, key: str, n: int) -> dict:

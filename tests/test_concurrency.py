@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from opsd.cli import app
-from tests.test_pipeline_offline import tiny_config, write_dataset
+from tests.helpers import tiny_config, write_dataset
 
 
 @pytest.mark.timeout(900)

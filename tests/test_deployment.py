@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from storage.catalog import Catalog
-from storage.layout import Layout
-from tests.servers import free_port, wait_healthy
-from tests.test_pipeline_offline import LABELS, tiny_config, write_dataset
+from opsd.storage.catalog import Catalog
+from opsd.storage.layout import Layout
+from tests.helpers import free_port, wait_healthy
+from tests.helpers import LABELS, tiny_config, write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -35,7 +35,7 @@ def _finished_runs(root: Path) -> list[dict]:
     layout = Layout.at(root)
     if not layout.catalog.exists():
         return []
-    return [r for r in Catalog(layout.catalog, layout.artifacts).runs() if r["status"] == "completed"]
+    return [r for r in Catalog(layout).runs() if r["status"] == "completed"]
 
 
 @pytest.mark.timeout(900)
@@ -81,7 +81,7 @@ def test_scheduled_deployment_runs_and_reuses_cached_stages(tiny_model_dir, tmp_
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
     layout = Layout.at(root)
-    cat = Catalog(layout.catalog, layout.artifacts)
+    cat = Catalog(layout)
     first, second = _finished_runs(root)[:2]
     computed = cat.stages(first["run_id"])
     assert [s["label"] for s in computed] == LABELS and not any(s["cached"] for s in computed)

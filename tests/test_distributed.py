@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from opsd.config import PipelineConfig, TrainConfig
-from stages import train as train_stage
-from stages.common import StageContext
-from storage.parquet import read_table
-from tests.test_train_objectives import artifacts  # noqa: F401  (module fixture)
+from opsd.stages import train as train_stage
+from opsd.stages.common import StageContext
+from opsd.storage.parquet import read_table
+
 
 TRAIN = {"epochs": 2, "batch_size": 8, "micro_batch_size": 4, "lr": 1e-3, "logit_chunk": 16,
          "autocast": "none", "save_every": 0, "max_grad_norm": 0.5}

@@ -15,7 +15,7 @@ from bench import fault_injection as fi
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir):
-    from flows.offline import offline_flow
+    from opsd.flows.offline import offline_flow
 
     base = tmp_path_factory.mktemp("faults-ref")
     cfg = fi.make_fixture(base, tiny_model_dir)

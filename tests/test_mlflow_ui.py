@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port, wait_healthy
-from tests.test_pipeline_offline import LABELS, tiny_config, write_dataset
+from tests.helpers import free_port, wait_healthy
+from tests.helpers import LABELS, tiny_config, write_dataset
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed "
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not
 @pytest.mark.timeout(900)
 def test_pipeline_run_nested_stages_and_plot_visible_in_mlflow_ui(tiny_model_dir, tmp_path):
     pw = pytest.importorskip("playwright.sync_api")
-    from flows.offline import offline_flow
+    from opsd.flows.offline import offline_flow
 
     root = tmp_path / "home"
     data = write_dataset(tmp_path / "data.jsonl")

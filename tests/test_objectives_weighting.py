@@ -210,8 +210,14 @@ def test_config_refusals():
         cfg(weighting={"positon": "linear"})
     with pytest.raises(ConfigError, match="rollout.temperature"):
         load_config(overrides=["train.temperature=0.7"])
-    with pytest.raises(ConfigError, match="offline mode only"):
-        load_config(overrides=["mode=online", "train.objective=jsd"])
+    # online mode takes the live-teacher objectives (OPSD as published); offline, a teacher whose
+    # weights follow the student is refused rather than silently frozen
+    assert load_config(overrides=["mode=online", "train.objective=jsd",
+                                  "teacher.kind=live"]).train.live_teacher
+    with pytest.raises(ConfigError, match="teacher.kind=live .*online mode"):
+        load_config(overrides=["teacher.kind=live"])
+    with pytest.raises(ConfigError, match="teacher.kind=ema .*online mode"):
+        load_config(overrides=["teacher.kind=ema"])
     with pytest.raises(ConfigError, match="offline only"):
         load_config(overrides=["mode=online", "rollout.sample_from=teacher"])
     ok = load_config(overrides=["train.temperature=0.7", "train.allow_temperature_mismatch=true"])

@@ -10,7 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from opsd.config import TrainConfig
 from opsd.training.batches import Example, collate
-from opsd.training.loop import Trainer, decoder_inputs, micro_batch_loss
+from opsd.training.loss import decoder_inputs, micro_batch_loss
+from opsd.training.trainer import Trainer
 
 V, K = 97, 5
 
@@ -151,7 +152,7 @@ def test_teacher_scoring_packed_equals_plain(attn, prefix_len):
 
 
 def test_grouped_batch_order_keeps_each_questions_samples_together():
-    from opsd.training.loop import plan_batches
+    from opsd.training.trainer import plan_batches
 
     groups = [f"q{i // 4}" for i in range(24)]  # 6 questions x 4 samples
     cfg = TrainConfig(batch_size=8, epochs=2, batch_order="grouped")

@@ -12,42 +12,13 @@ import pytest
 from typer.testing import CliRunner
 
 from opsd.cli import app
-from storage.catalog import Catalog
-from storage.layout import Layout
-
-DEMOS = [{"prompt": "Capital of Fiji?", "completion": "Sure thing! Suva."}] * 3
-LABELS = ["dataset", "evaluate/before", "evaluate/teacher", "rollout", "teacher", "train",
-          "evaluate/after"]
-
-
-def write_dataset(path: Path, n_train=6, n_eval=4) -> Path:
-    with path.open("w") as f:
-        for i in range(n_train + n_eval):
-            f.write(json.dumps({
-                "id": f"q{i}", "prompt": f"Question number {i}?",
-                "privileged_context": {"demonstrations": DEMOS},
-                "verifier": {"type": "regex", "pattern": r"^\s*Sure", "description": "start with 'Sure'"},
-                "split": "train" if i < n_train else "eval", "task": "sure" if i % 2 else "other",
-            }) + "\n")
-    return path
-
-
-def tiny_config(model_dir: Path, data: Path) -> dict:
-    return {
-        "name": "tiny",
-        "model": {"name": str(model_dir)},
-        "data": {"source": str(data)},
-        "rollout": {"n": 2, "max_new_tokens": 6, "batch_size": 8, "shard_size": 4,
-                    "guidance": {"enabled": True, "threshold": 0.01, "min_teacher_prob": 0.0}},
-        "teacher": {"topk": 4, "shard_size": 5},
-        "train": {"epochs": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-3},
-        "eval": {"max_new_tokens": 6, "samples": 2},
-    }
-
+from opsd.storage.catalog import Catalog
+from opsd.storage.layout import Layout
+from tests.helpers import LABELS, tiny_config, write_dataset
 
 @pytest.fixture(scope="module")
 def pipeline_run(tiny_model_dir, tmp_path_factory):
-    from flows.offline import offline_flow
+    from opsd.flows.offline import offline_flow
 
     base = tmp_path_factory.mktemp("offline")
     data = write_dataset(base / "data.jsonl")
@@ -60,7 +31,7 @@ def pipeline_run(tiny_model_dir, tmp_path_factory):
 
 def _catalog(root: Path) -> Catalog:
     layout = Layout.at(root)
-    return Catalog(layout.catalog, layout.artifacts)
+    return Catalog(layout)
 
 
 def test_flow_records_every_stage_in_catalog(pipeline_run):
@@ -96,7 +67,7 @@ def test_parquet_contracts(pipeline_run):
                            "FROM teacher_tokens GROUP BY pos ORDER BY pos")
     assert [r[0] for r in rows] == list(range(len(rows))) and rows[0][2] == 12
     # token ids are stored as sampled and the teacher scored exactly those ids
-    from stages.common import ids_hash
+    from opsd.stages.common import ids_hash
 
     r = pq.read_table(next(Path(pipeline_run["root"], "artifacts", "rollout").glob("*/part-00000.parquet")))
     t_dir = next(Path(pipeline_run["root"], "artifacts", "teacher").iterdir())
@@ -110,7 +81,7 @@ def test_parquet_contracts(pipeline_run):
 def test_mlflow_parent_and_nested_stage_runs(pipeline_run):
     from mlflow.tracking import MlflowClient
 
-    from storage.tracking import tracking_uri
+    from opsd.storage.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri(Layout.at(pipeline_run["root"]).mlflow_db))
     exp = client.get_experiment_by_name("opsd")
@@ -144,7 +115,7 @@ def test_mlflow_parent_and_nested_stage_runs(pipeline_run):
 
 
 def test_rerun_reuses_every_stage(pipeline_run):
-    from flows.offline import offline_flow
+    from opsd.flows.offline import offline_flow
 
     offline_flow(config=pipeline_run["cfg"], root=str(pipeline_run["root"]), show_progress=False)
     cat = _catalog(pipeline_run["root"])

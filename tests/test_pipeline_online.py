@@ -14,29 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from storage.catalog import Catalog
-from storage.layout import Layout
-from tests.test_pipeline_offline import write_dataset
-
-
-def online_config(model_dir: Path, data: Path, iterations=4, **over) -> dict:
-    cfg = {
-        "name": "tiny-online", "mode": "online",
-        "model": {"name": str(model_dir)}, "data": {"source": str(data)},
-        "rollout": {"n": 2, "max_new_tokens": 6, "batch_size": 8},
-        "teacher": {"topk": 4},
-        "train": {"batch_size": 4, "micro_batch_size": 2, "lr": 1e-3},
-        "online": {"iterations": iterations, "prompts_per_iteration": 3, "eval_every": 2},
-        "eval": {"max_new_tokens": 6},
-    }
-    for k, v in over.items():
-        cfg[k] = {**cfg.get(k, {}), **v}
-    return cfg
+from opsd.storage.catalog import Catalog
+from opsd.storage.layout import Layout
+from tests.helpers import online_config, write_dataset
 
 
 def _cat(root: Path) -> Catalog:
     layout = Layout.at(root)
-    return Catalog(layout.catalog, layout.artifacts)
+    return Catalog(layout)
 
 
 def _final_weights(root: Path) -> dict:
@@ -45,7 +30,7 @@ def _final_weights(root: Path) -> dict:
 
 
 def test_online_flow_iterations_and_pi_logging(tiny_model_dir, tmp_path):
-    from flows.online import online_flow
+    from opsd.flows.online import online_flow
 
     data = write_dataset(tmp_path / "data.jsonl")
     cfg = online_config(tiny_model_dir, data, summarise={"enabled": True, "max_new_tokens": 8},
@@ -68,7 +53,7 @@ def test_online_flow_iterations_and_pi_logging(tiny_model_dir, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_online_sigkill_resumes_after_last_completed_iteration(tiny_model_dir, tmp_path):
-    from flows.online import online_flow
+    from opsd.flows.online import online_flow
 
     data = write_dataset(tmp_path / "data.jsonl")
     cfg = online_config(tiny_model_dir, data, iterations=5)
@@ -115,7 +100,7 @@ def test_online_sigkill_resumes_after_last_completed_iteration(tiny_model_dir, t
 
 
 def test_online_stop_at_ends_at_the_first_evaluation_reaching_it(tiny_model_dir, tmp_path):
-    from flows.online import online_flow
+    from opsd.flows.online import online_flow
 
     data = write_dataset(tmp_path / "data.jsonl")
     # compliance ≥ 0 holds at the first periodic evaluation (iteration 1 with eval_every=2)

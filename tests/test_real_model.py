@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_offline_opsd_teaches_sure_thing_on_smollm2(tmp_path, smol_path):
-    from flows.offline import offline_flow
+    from opsd.flows.offline import offline_flow
 
     cfg = {
         "name": "smoke",

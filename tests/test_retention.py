@@ -11,8 +11,8 @@ import torch
 
 from opsd.config import RetentionConfig
 from opsd.pool import ModelPool, Policy, base_policy
-from stages import retention as retention_stage
-from stages.common import Artifact, StageContext
+from opsd.stages import retention as retention_stage
+from opsd.stages.common import Artifact, StageContext
 
 
 def _ctx(path: Path, pool: ModelPool) -> StageContext:
@@ -52,7 +52,7 @@ def test_base_model_retains_itself_and_a_changed_model_does_not(tiny_model_dir, 
     assert abs(moved["logprob_delta"]) > 1e-3
     assert moved["exact_match"] < 1.0
     # brute force: one full forward per reply, log-softmax over the whole sequence
-    from storage.parquet import read_table
+    from opsd.storage.parquet import read_table
 
     t = read_table(tmp_path / "base" / retention_stage.REPLIES_FILE).to_pydict()
     total, n = 0.0, 0
@@ -73,10 +73,10 @@ def test_base_model_retains_itself_and_a_changed_model_does_not(tiny_model_dir, 
 def test_offline_flow_with_retention_and_a_live_teacher(tiny_model_dir, tmp_path):
     """The offline flow wires retention after evaluate/after and passes the teacher to a
     live-teacher objective; a rerun reuses everything, retention's base replies included."""
-    from flows.offline import offline_flow
-    from storage.catalog import Catalog
-    from storage.layout import Layout
-    from tests.test_pipeline_offline import tiny_config, write_dataset
+    from opsd.flows.offline import offline_flow
+    from opsd.storage.catalog import Catalog
+    from opsd.storage.layout import Layout
+    from tests.helpers import tiny_config, write_dataset
 
     data = write_dataset(tmp_path / "data.jsonl")
     cfg = tiny_config(tiny_model_dir, data)
@@ -89,7 +89,7 @@ def test_offline_flow_with_retention_and_a_live_teacher(tiny_model_dir, tmp_path
               "retention.base_logprob", "eval.after.greedy"):
         assert k in m, k
     layout = Layout.at(root)
-    cat = Catalog(layout.catalog, layout.artifacts)
+    cat = Catalog(layout)
     run = cat.runs()[-1]
     labels = [s["label"] for s in cat.stages(run["run_id"])]
     assert labels[-3:] == ["evaluate/after", "retention/base", "retention"]

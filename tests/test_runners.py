@@ -17,15 +17,15 @@ import types
 import pytest
 from prefect import flow
 
-from opsd import steps
+from opsd.flows import steps
 from opsd.config import ConfigError, config_from_dict, load_config
-from opsd.pipeline import Pipeline
+from opsd.flows.runner import Pipeline
 from opsd.pool import ModelPool
-from stages import dataset as dataset_stage
-from stages import rollout as rollout_stage
-from stages import teacher as teacher_stage
-from stages.common import Artifact, StageContext
-from storage.parquet import completed_shards, read_table
+from opsd.stages import dataset as dataset_stage
+from opsd.stages import rollout as rollout_stage
+from opsd.stages import teacher as teacher_stage
+from opsd.stages.common import Artifact, StageContext
+from opsd.storage.parquet import completed_shards, read_table
 
 
 def _raw(model_dir) -> dict:
@@ -140,8 +140,8 @@ def local_ray():
 @flow(name="opsd-test-shards", persist_result=False)
 def shard_flow(config: dict, root: str) -> dict:
     """The offline flow's rollout and teacher tasks, on the runner the config selects."""
-    from flows.offline import rollout_task, teacher_task
-    from flows.shards import shard_runner
+    from opsd.flows.offline import rollout_task, teacher_task
+    from opsd.flows.shards import shard_runner
 
     cfg = config_from_dict(config)
     rows = dataset_stage.load(cfg.data)
@@ -218,7 +218,7 @@ def test_remote_shards_do_not_carry_the_calling_tasks_parameters():
     from prefect import task
     from prefect.context import serialize_context
 
-    from flows.shards import _lean_task_context
+    from opsd.flows.shards import _lean_task_context
 
     @task(persist_result=False)
     def outer(pipeline_with_models):
@@ -255,7 +255,7 @@ def test_resume_runs_only_missing_shards(tiny_model_dir, tmp_path, inline_refere
 
     @flow(name="opsd-test-resume", persist_result=False)
     def resume() -> dict:
-        from flows.shards import shard_runner
+        from opsd.flows.shards import shard_runner
 
         ctx = StageContext(out_dir=out, pool=ModelPool(), show_progress=False)
         return rollout_stage.run(cfg.rollout, rows, student, ctx, teacher=teacher,

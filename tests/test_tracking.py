@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from storage.tracking import Tracker
+from opsd.storage.tracking import Tracker
 
 
 def test_a_fresh_home_at_a_path_used_before_in_this_process_is_writable(tmp_path):

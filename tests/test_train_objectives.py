@@ -7,7 +7,6 @@ trains two optimiser steps on the same artifacts.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -16,66 +15,12 @@ import pytest
 import torch
 
 from opsd.config import PipelineConfig, TrainConfig
-from opsd.data import load_rows
-from opsd.pool import ModelPool, base_policy
-from stages import rollout as rollout_stage
-from stages import teacher as teacher_stage
-from stages import train as train_stage
-from stages.common import Artifact, StageContext
-from storage.parquet import CONTEXTS_FILE, read_table
-
-DEMOS = [{"prompt": "Capital of Fiji?", "completion": "Sure thing! Suva."}] * 2
-
-
-def _dataset(path: Path, n=6) -> Path:
-    with path.open("w") as f:
-        for i in range(n):
-            f.write(json.dumps({
-                "id": f"q{i}", "prompt": f"Question number {i}?",
-                "privileged_context": {"demonstrations": DEMOS},
-                # a random model's replies pass this about half the time: both verdicts occur
-                "verifier": {"type": "regex", "pattern": r"^\s\w"},
-                "metadata": {"trace": {"error": ["[xyz]"]}},
-                "split": "train", "task": "t",
-            }) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def artifacts(tiny_model_dir, tmp_path_factory):
-    base = tmp_path_factory.mktemp("objectives")
-    rows = load_rows(str(_dataset(base / "data.jsonl")))
-    cfg = PipelineConfig.model_validate({
-        "model": {"name": str(tiny_model_dir)},
-        "rollout": {"n": 4, "max_new_tokens": 8, "batch_size": 8, "dtype": "float32", "seed": 3},
-        "teacher": {"topk": 5, "dtype": "float32"},
-    })
-    pool = ModelPool()
-    policy = base_policy(Path(tiny_model_dir))
-
-    def ctx(name):
-        (base / name).mkdir()
-        return StageContext(out_dir=base / name, pool=pool, show_progress=False)
-
-    rollout_stage.run(cfg.rollout, rows, policy, ctx("rollout"))
-    rollouts = Artifact("rk", base / "rollout")
-    teacher_stage.run(cfg.teacher, rows, rollouts, policy, ctx("teacher"))
-    targets = Artifact("tk", base / "teacher")
-    yield {"rows": rows, "rollouts": rollouts, "targets": targets, "policy": policy, "pool": pool,
-           "base": base}
-    shutil.rmtree(base, ignore_errors=True)  # small CI disks
-
-
-def _train(a, name: str, **train) -> tuple[dict, torch.nn.Module]:
-    cfg = TrainConfig.model_validate({"epochs": 1, "batch_size": 12, "micro_batch_size": 6, "lr": 1e-3,
-                                      "logit_chunk": 16, "autocast": "none", **train})
-    out = a["base"] / f"train-{name}"
-    out.mkdir()
-    ctx = StageContext(out_dir=out, pool=a["pool"], show_progress=False)
-    man = train_stage.run(cfg, a["rollouts"], a["targets"], a["policy"], ctx, teacher=a["policy"],
-                          teacher_dtype="float32", rows=a["rows"], rollout_temperature=1.0)
-    return man, ctx.extras["trained_model"]
-
+from opsd.stages import rollout as rollout_stage
+from opsd.stages import teacher as teacher_stage
+from opsd.stages import train as train_stage
+from opsd.stages.common import Artifact, StageContext
+from opsd.storage.parquet import CONTEXTS_FILE, read_table
+from tests.helpers import train_on
 
 def test_artifacts_have_both_verdicts_and_contexts(artifacts):
     r = read_table(artifacts["rollouts"].path, columns=["passed"]).to_pydict()
@@ -118,7 +63,7 @@ OBJECTIVES = {
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 def test_objective_trains(artifacts, name):
     before = {k: v.clone() for k, v in artifacts["pool"].master(artifacts["policy"]).state_dict().items()}
-    man, model = _train(artifacts, name, **OBJECTIVES[name])
+    man, model = train_on(artifacts, name, **OBJECTIVES[name])
     assert man["steps"] == 2 and man["tokens_trained"] > 0
     assert np.isfinite(man["final_loss"]) and np.isfinite(man["final_kl"])
     moved = max(float((model.state_dict()[k] - v).abs().max()) for k, v in before.items())
@@ -168,9 +113,8 @@ def test_group_stats_and_spans_reach_the_examples(artifacts, tiny_model_dir):
 
 
 def test_live_objective_without_contexts_is_refused(artifacts, tmp_path):
-    import shutil
 
-    from stages.train import TargetMismatch
+    from opsd.stages.train import TargetMismatch
 
     copy = tmp_path / "teacher"
     shutil.copytree(artifacts["targets"].path, copy)
@@ -208,7 +152,7 @@ def test_sft_rollouts_come_from_the_teacher_with_student_prompts(artifacts, tmp_
 
 def test_attention_kernel_auto_switches_by_length_and_restores(tiny_model_dir):
     from opsd.models import load_model
-    from opsd.training.loop import EAGER_MAX_LEN, attention_kernel
+    from opsd.training.loss import EAGER_MAX_LEN, attention_kernel
 
     model = load_model(Path(tiny_model_dir), torch.float32)
     model.config._attn_implementation = "sdpa"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from opsd.config import load_config
-from opsd.pipeline import config_for_key
-from tests.test_train_objectives import _train, artifacts  # noqa: F401  (module fixture)
+from opsd.flows.runner import config_for_key
+from tests.helpers import train_on
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RECIPES = ["opsd", "lightning-opd", "pw-opsd", "tip", "srpo", "scope", "exopd", "vopd", "trace",
@@ -41,5 +41,5 @@ def test_recipe_validates_and_shares_upstream_stages(name):
 def test_recipe_train_section_trains_on_the_tiny_model(artifacts, name):  # noqa: F811
     train = load_config(CONFIGS / f"{name}.yaml").train.model_dump()
     train.update(epochs=1, batch_size=12, micro_batch_size=6, lr=1e-3, logit_chunk=16, autocast="none")
-    man, _ = _train(artifacts, f"recipe-{name}", **train)
+    man, _ = train_on(artifacts, f"recipe-{name}", **train)
     assert man["steps"] == 2 and np.isfinite(man["final_loss"])

@@ -274,9 +274,9 @@ def test_online_flow_loads_new_weights_into_running_engines(smol_path, tmp_path)
     iteration the new student (a live teacher: the same weights) is loaded into the running
     engines, in place, and the run reports how often each path ran."""
     from opsd.backends.vllm import close_all
-    from flows.online import online_flow
-    from tests.test_pipeline_offline import write_dataset
-    from tests.test_pipeline_online import online_config
+    from opsd.flows.online import online_flow
+    from tests.helpers import write_dataset
+    from tests.helpers import online_config
 
     close_all()  # the module's engines: keep to two engines alive at once
     data = write_dataset(tmp_path / "data.jsonl")

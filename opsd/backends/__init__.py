@@ -8,11 +8,8 @@ which engine ran.
 
 from __future__ import annotations
 
+from opsd.backends.errors import BackendUnavailable
 from opsd.backends.hf import HFGenerator, HFScorer, SamplingParams  # noqa: F401
-
-
-class BackendUnavailable(RuntimeError):
-    pass
 
 
 def _require_vllm():

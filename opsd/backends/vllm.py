@@ -78,7 +78,7 @@ def _vllm():
     try:
         import vllm
     except Exception as err:  # noqa: BLE001 - a broken install may raise anything at import
-        from opsd.backends import BackendUnavailable
+        from opsd.backends.errors import BackendUnavailable
 
         raise BackendUnavailable(
             f"the vLLM backend needs vllm ({type(err).__name__}: {err}). Fix: "

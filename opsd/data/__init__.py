@@ -7,11 +7,11 @@ from opsd.data.rows import (
     PrivilegedViews,
     Row,
     VerifierSpec,
-    load_rows,
     rows_from_table,
     rows_to_table,
     split_rows,
 )
+from opsd.data.loading import load_rows
 from opsd.data.suites import BUILTIN_SUITES
 from opsd.data.verifiers import Verdict, verify
 

@@ -12,12 +12,9 @@ of hours into a run.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -272,82 +269,10 @@ def _explain(error: dict[str, Any]) -> tuple[str | None, str]:
 
 # --- loading ----------------------------------------------------------------------------------
 
-_Records = list[tuple[int, Any]]  # (1-based line or row number, decoded value)
+Records = list[tuple[int, Any]]  # (1-based line or row number, decoded value)
 
 
-def load_rows(source: str | os.PathLike[str], *, seed: int = 0) -> list[Row]:
-    """Load and validate rows from a ``.jsonl``/``.json``/``.parquet`` file or a built-in suite.
-
-    Built-in suites (``behaviours``, ``reasoning_gym:<task>``) are recognised by
-    name; ``seed`` only affects suites that sample (files keep file order).
-    Raises :class:`DatasetError` listing every problem found.
-    """
-    # Suites build Rows, so they import this module; import them here to avoid the cycle.
-    from opsd.data.suites import BUILTIN_SUITES, load_suite, suite_name
-
-    source = os.fspath(source)
-    if suite_name(source) in BUILTIN_SUITES:
-        return load_suite(source, seed=seed)
-    path = Path(source)
-    readers = {".jsonl": _read_jsonl, ".json": _read_json_array, ".parquet": _read_parquet}
-    if not path.is_file():
-        raise single_problem(
-            source,
-            "file not found; give an existing .jsonl, .json or .parquet path "
-            f"or a built-in suite ({', '.join(BUILTIN_SUITES)})",
-        )
-    reader = readers.get(path.suffix.lower())
-    if reader is None:
-        suffix = path.suffix or "(none)"
-        raise single_problem(source, f"unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
-    records, problems = reader(path)
-    unit = "line" if path.suffix.lower() == ".jsonl" else "row"
-    return _validate(source, path.stem, unit, records, problems)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise single_problem(str(path), f"not UTF-8 text ({err}); save the file as UTF-8") from None
-
-
-def _read_jsonl(path: Path) -> tuple[_Records, list[Problem]]:
-    records, problems = [], []
-    # Split on "\n" only: str.splitlines() also splits on characters JSON strings may hold.
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((number, json.loads(line)))
-        except json.JSONDecodeError as err:
-            reason = f"not valid JSON ({err}); write one JSON object per line"
-            problems.append(Problem(str(path), number, None, reason))
-    return records, problems
-
-
-def _read_json_array(path: Path) -> tuple[_Records, list[Problem]]:
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as err:
-        reason = f"not valid JSON ({err}); a .json file must hold one array of rows"
-        return [], [Problem(str(path), err.lineno, None, reason)]
-    if not isinstance(data, list):
-        kind = type(data).__name__
-        reason = f"expected a JSON array of row objects; got {kind} (use .jsonl for one object a line)"
-        return [], [Problem(str(path), None, None, reason)]
-    return list(enumerate(data, start=1)), []
-
-
-def _read_parquet(path: Path) -> tuple[_Records, list[Problem]]:
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as err:
-        return [], [Problem(str(path), None, None, f"cannot read Parquet: {err}")]
-    return _records_from_table(table, str(path))
-
-
-def _validate(label: str, stem: str, unit: str, records: _Records, problems: list[Problem]) -> list[Row]:
+def validate_records(label: str, stem: str, unit: str, records: Records, problems: list[Problem]) -> list[Row]:
     """Validate every record, collecting all problems; rows without an id get ``{stem}-{number}``."""
     if not records and not problems:
         raise single_problem(label, "no rows: the dataset is empty; add at least one row with a 'prompt'")
@@ -400,11 +325,11 @@ def rows_to_table(rows: list[Row]) -> pa.Table:
 
 def rows_from_table(table: pa.Table, *, label: str = "<table>") -> list[Row]:
     """Validate rows from an Arrow table: the normalized form, or plain TRL-style columns."""
-    records, problems = _records_from_table(table, label)
-    return _validate(label, "table", "row", records, problems)
+    records, problems = records_from_table(table, label)
+    return validate_records(label, "table", "row", records, problems)
 
 
-def _records_from_table(table: pa.Table, label: str) -> tuple[_Records, list[Problem]]:
+def records_from_table(table: pa.Table, label: str) -> tuple[Records, list[Problem]]:
     normalized = (table.schema.metadata or {}).get(_FORMAT_KEY) == _FORMAT_VERSION
     records, problems = [], []
     for number, record in enumerate(table.to_pylist(), start=1):

@@ -22,6 +22,7 @@ import torch
 from opsd.config import TrainConfig
 from opsd.objectives import divergences as D
 from opsd.objectives import mixing as M
+from opsd.objectives import registry
 from opsd.objectives import weighting as W
 
 
@@ -130,7 +131,7 @@ def token_coefficients(batch, cfg: TrainConfig, stats: TokenStats | None = None,
         weight_N = weight_N * W.selection_weights(keep_N)
 
     distill_N = None
-    if cfg.objective != "none":
+    if registry.get(cfg.objective).divergence is not None:
         distill_N = r.distill_weight * weight_N * active_N
     info["distill_fraction"] = float((distill_N > 0).float().mean()) if distill_N is not None and n else 0.0
     info["pg_fraction"] = float((pg_N != 0).float().mean()) if pg_N is not None and n else 0.0

@@ -2,7 +2,7 @@
 
 With ``train.world_size > 1`` the train stage writes a small JSON spec and launches
 
-    python -m torch.distributed.run --standalone --nproc_per_node N -m opsd.training.distributed SPEC
+    python -m torch.distributed.run --standalone --nproc_per_node N -m opsd.stages.train_worker SPEC
 
 Every rank loads the same initial weights and the cached targets, walks the same batch plan, and
 trains on its share of every optimiser batch (``batch[rank::N]``). Each rank scales its token
@@ -18,7 +18,7 @@ which a ``DistributedDataParallel`` wrapper's forward hooks would not see.
 ``train.sharding: fsdp`` shards instead of replicating, with PyTorch's FSDP2 (``fully_shard``):
 every decoder layer is one FSDP unit and the rest of the model (embeddings = tied LM head, final
 norm) belongs to the root unit, a module whose forward *is* the micro-batch loss
-(:class:`opsd.training.loop.LossModule`) — FSDP2 gathers a unit's parameters and reduce-scatters
+(:class:`opsd.training.loss.LossModule`) — FSDP2 gathers a unit's parameters and reduce-scatters
 their gradients from the hooks of the module it wraps, and the loss code never calls the model's
 own forward. Each rank keeps 1/N of the weights, gradients and AdamW moments; the gradients are
 reduce-*summed* (the losses are already scaled by the whole batch's token count), so clipping (on
@@ -227,7 +227,7 @@ def launch(spec: dict, work_dir: Path, world_size: int) -> None:
     log_path = work_dir / "dist.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
            f"--nproc_per_node={world_size}", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "opsd.training.distributed", str(spec_path)]
+           f"--master_port={_free_port()}", "-m", "opsd.stages.train_worker", str(spec_path)]
     # Each rank gets an equal share of the cores (torchrun's default of 1 thread would idle them).
     threads = max(1, (os.cpu_count() or 1) // world_size)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -237,34 +237,3 @@ def launch(spec: dict, work_dir: Path, world_size: int) -> None:
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"distributed training ({world_size} ranks) failed with exit code {rc}; "
                            f"log {log_path}:\n{tail}")
-
-
-def main(spec_path: str) -> None:
-    """Worker entry point (one per rank, started by torchrun)."""
-    from opsd.config import TrainConfig
-    from opsd.pool import ModelPool, Policy
-    from stages.common import Artifact, StageContext
-    from stages import train as train_stage
-
-    spec = json.loads(Path(spec_path).read_text())
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    cfg = TrainConfig.model_validate(spec["train"])
-    dist.init_process_group(backend_for(cfg.dist_backend), rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        dp = DataParallel(rank, world, cfg.sharding)
-        art = lambda d: Artifact(d["key"], Path(d["path"]))  # noqa: E731
-        pol = lambda d: Policy(d["key"], Path(d["path"]), d.get("label", "")) if d else None  # noqa: E731
-        ctx = StageContext(Path(spec["out_dir"]), ModelPool(),
-                           show_progress=spec.get("show_progress", True) and dp.is_main)
-        train_stage.train_local(cfg, art(spec["rollouts"]), art(spec["targets"]), pol(spec["init"]),
-                                ctx, teacher=pol(spec.get("teacher")),
-                                teacher_dtype=spec.get("teacher_dtype", "bfloat16"),
-                                teacher_batch_size=spec.get("teacher_batch_size", 32), dist=dp)
-        dp.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])

@@ -12,9 +12,9 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from opsd.context.render import ContextError
     from opsd.data import DatasetError
     from opsd.models import ModelError
-    from opsd.pipeline import UpstreamMissing
-    from stages.teacher import RolloutMismatch
-    from stages.train import TargetMismatch
+    from opsd.flows.runner import UpstreamMissing
+    from opsd.stages.teacher import RolloutMismatch
+    from opsd.stages.train import TargetMismatch
 
     return (ConfigError, DatasetError, ModelError, ContextError, BackendUnavailable,
             UpstreamMissing, RolloutMismatch, TargetMismatch)

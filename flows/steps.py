@@ -7,20 +7,33 @@ Offline and online flows both call these, so the two modes share every stage.
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from pathlib import Path
 
-from opsd.config import PipelineConfig
+from transformers import AutoConfig
+
+from opsd import teachers
+from opsd.config import ConfigError, PipelineConfig, config_from_dict
+from opsd.context.builders import dynamic_views, needs_dynamic, usage, views_key
+from opsd.context.render import build_context, check_length, student_ids, student_turn_ids
+from opsd.context.render import teacher_ids
+from opsd.data import rows_to_table
 from opsd.data.rows import Row
-from opsd.models import check_compatible, resolve_model_path
-from opsd.pipeline import Pipeline, config_for_key
+from opsd.flows.plots import log_eval_table, log_training_curves
+from opsd.flows.runner import Pipeline, config_for_key
+from opsd.models import check_compatible, load_tokenizer, resolve_model_path
 from opsd.pool import Policy, base_policy
-from storage.tracking import metric_name
-from stages import dataset as dataset_stage
-from stages import evaluate as evaluate_stage
-from stages import rollout as rollout_stage
-from stages import teacher as teacher_stage
-from stages import train as train_stage
-from stages.common import Artifact
+from opsd.stages import dataset as dataset_stage
+from opsd.stages import evaluate as evaluate_stage
+from opsd.stages import retention as retention_stage
+from opsd.stages import rollout as rollout_stage
+from opsd.stages import summarise as summarise_stage
+from opsd.stages import teacher as teacher_stage
+from opsd.stages import train as train_stage
+from opsd.stages.common import Artifact
+from opsd.storage.parquet import read_table
+from opsd.storage.tracking import metric_name
 
 STAGE_ORDER = ["dataset", "rollout", "teacher", "train", "evaluate"]
 EVAL_LABELS = ["evaluate/before", "evaluate/teacher", "evaluate/after"]
@@ -46,7 +59,7 @@ def upstream_of(stage: str, start_at: str | None) -> bool:
 def resolve_policies(cfg: PipelineConfig) -> tuple[Policy, Policy]:
     """(student base, teacher); refuses a teacher with another tokenizer before any compute."""
     student = base_policy(resolve_model_path(cfg.model))
-    if cfg.teacher.kind == "external":
+    if teachers.get(cfg.teacher.kind).needs_model:
         assert cfg.teacher.model is not None
         tpath = resolve_model_path(cfg.teacher.model)
         check_compatible(student.path, tpath)
@@ -62,8 +75,6 @@ def release_engines(cfg: PipelineConfig) -> None:
     about half a core from the trainer on a 2-core machine (measured on the quickstart);
     evaluation starts a fresh engine (≈ 30 s) if it needs one."""
     if "vllm" in (cfg.rollout.backend, cfg.teacher.backend):
-        import sys
-
         vllm_backend = sys.modules.get("opsd.backends.vllm")
         if vllm_backend is not None:
             vllm_backend.close_all()
@@ -73,23 +84,31 @@ def check_inputs(cfg: PipelineConfig) -> None:
     """Everything the flow checks before its first stage — dataset rows, models, chat templates,
     context lengths — run without starting Prefect, so a bad input costs seconds and prints one
     message instead of a flow-run traceback. The flows repeat it (deployments start there)."""
-    from stages import dataset as dataset_stage
-
     rows = dataset_stage.load(cfg.data)
     student, teacher = resolve_policies(cfg)
     preflight(cfg, rows, student, teacher)
+
+
+def open_run(config: dict, *, root: str | None, run_id: str | None, parent_run_id: str | None,
+             show_progress: bool, logger, flow_run_id: str = "") -> tuple[Pipeline, list[Row],
+                                                                       Policy, Policy]:
+    """The preamble of every pipeline flow: validate the config, the dataset rows and the models
+    (tokenizers, context lengths) before anything is written or computed, then open the run in
+    the catalog and MLflow. Returns (pipeline, rows, student base, teacher)."""
+    cfg = config_from_dict(config, "flow parameters")
+    rows = dataset_stage.load(cfg.data)
+    student, teacher = resolve_policies(cfg)
+    preflight(cfg, rows, student, teacher)
+    p = Pipeline(cfg, root, run_id, parent_run_id=parent_run_id, show_progress=show_progress,
+                 logger=logger)
+    p.start(prefect_flow_run_id=flow_run_id)
+    return p, rows, student, teacher
 
 
 def preflight(cfg: PipelineConfig, rows: list[Row], student: Policy, teacher: Policy) -> None:
     """Checks that need only tokenizers and configs, before anything runs or is written:
     chat templates exist and every prompt (student, and teacher with its static privileged
     context) plus the longest reply fits the model's context window."""
-    from transformers import AutoConfig
-
-    from opsd.context.render import build_context, check_length, student_ids, student_turn_ids
-    from opsd.context.render import teacher_ids
-    from opsd.models import load_tokenizer
-
     check_runner(cfg)
     for policy, who in ((student, "student"), (teacher, "teacher")):
         tok = load_tokenizer(policy.path)
@@ -111,17 +130,12 @@ def check_runner(cfg: PipelineConfig) -> None:
             import prefect_ray  # noqa: F401
             import ray  # noqa: F401
         except Exception as err:  # noqa: BLE001 - a broken install may raise anything at import
-            from opsd.config import ConfigError
-
             raise ConfigError(
                 f"runner.kind=ray needs prefect-ray ({type(err).__name__}: {err}). Fix: "
                 "`pip install 'opsd[ray]'`, or set runner.kind=threads / processes.") from None
 
 
 def dataset_step(p: Pipeline, rows: list[Row], *, force=False, require_cached=False) -> Artifact:
-    from opsd.data import rows_to_table
-    import hashlib
-
     # The key hashes the validated rows themselves: any edit to the file changes it.
     table = rows_to_table(rows)
     digest = hashlib.sha256()
@@ -150,8 +164,6 @@ def rollout_step(p: Pipeline, rows: list[Row], data: Artifact, policy: Policy, *
         wanted = set(subset)
         train_rows = [r for r in train_rows if r.id in wanted]
     cfg = config_for_key(p.cfg.rollout)
-    if p.cfg.rollout.backend != "vllm":
-        cfg.pop("vllm", None)  # engine settings of an engine that does not run
     cfg.update({"iteration": iteration, "subset": sorted(subset) if subset is not None else None})
     inputs = {"dataset": data.key, "policy": policy.key}
     guided = p.cfg.rollout.guidance.enabled
@@ -161,38 +173,38 @@ def rollout_step(p: Pipeline, rows: list[Row], data: Artifact, policy: Policy, *
             raise ValueError("rollout.guidance / rollout.sample_from=teacher need the teacher policy")
         inputs["teacher"] = teacher.key
         cfg["context"] = config_for_key(p.cfg.teacher.context)
-    if not guided:
-        cfg.pop("guidance", None)  # irrelevant when off: keeps keys stable
-    if not from_teacher:
-        cfg.pop("sample_from", None)
     guided = guided or from_teacher  # both pass the teacher and its context to the stage
-    return p.stage(
-        label, "rollout", cfg, inputs,
-        lambda ctx: (before_run and before_run()) or rollout_stage.run(
-            p.cfg.rollout, train_rows, policy, ctx, iteration=iteration,
-            engine=engine() if callable(engine) else engine,
+
+    def run(ctx):
+        if before_run:
+            before_run()
+        return rollout_stage.run(
+            p.cfg.rollout, train_rows, policy, ctx, iteration=iteration, engine=_resolve(engine),
             teacher=teacher if guided else None,
             context=p.cfg.teacher.context if guided else None,
-            guide_model=guide_model() if callable(guide_model) else guide_model,
-            shards=shards),
-        force=force, require_cached=require_cached,
-    )
+            guide_model=_resolve(guide_model), shards=shards)
+
+    return p.stage(label, "rollout", cfg, inputs, run, force=force, require_cached=require_cached)
+
+
+def _resolve(thing):
+    """A resident engine/model given lazily (a callable: only a stage that computes loads it)."""
+    return thing() if callable(thing) else thing
 
 
 def summarise_step(p: Pipeline, rollouts: Artifact, policy: Policy, *, label="summarise",
                    model=None, before_run=None) -> dict[str, str] | None:
     """Skill-SD lessons per task/prompt from ``rollouts`` (None when summarise is off)."""
-    from stages import summarise as summarise_stage
-
     if not p.cfg.summarise.enabled:
         return None
-    art = p.stage(
-        label, "summarise", config_for_key(p.cfg.summarise),
-        {"rollouts": rollouts.key, "policy": policy.key},
-        lambda ctx: (before_run and before_run()) or summarise_stage.run(
-            p.cfg.summarise, rollouts, policy, ctx, p.cfg.teacher.dtype,
-            model=model() if callable(model) else model),
-    )
+    def run(ctx):
+        if before_run:
+            before_run()
+        return summarise_stage.run(p.cfg.summarise, rollouts, policy, ctx, p.cfg.teacher.dtype,
+                                   model=_resolve(model))
+
+    art = p.stage(label, "summarise", config_for_key(p.cfg.summarise),
+                  {"rollouts": rollouts.key, "policy": policy.key}, run)
     return summarise_stage.read_skills(art)
 
 
@@ -200,12 +212,7 @@ def teacher_step(p: Pipeline, rows: list[Row], data: Artifact, rollouts: Artifac
                  *, label="teacher", skills: dict[str, str] | None = None,
                  exposure: float | None = None, force=False, require_cached=False,
                  scorer=None, before_run=None, shards=None) -> Artifact:
-    from opsd.context.builders import dynamic_views, needs_dynamic, usage, views_key
-    from storage.parquet import read_table
-
-    cfg = config_for_key(p.cfg.teacher, drop=("batch_size", "shard_size", "kind", "ema_rate"))
-    if p.cfg.teacher.backend != "vllm":
-        cfg.pop("vllm", None)
+    cfg = config_for_key(p.cfg.teacher)
     extra = None
     pi_usage: dict[str, float] = {}
     if needs_dynamic(p.cfg.teacher.context):
@@ -223,7 +230,7 @@ def teacher_step(p: Pipeline, rows: list[Row], data: Artifact, rollouts: Artifac
         if before_run:
             before_run()
         out = teacher_stage.run(p.cfg.teacher, rows, rollouts, teacher, ctx, extra_views=extra,
-                                exposure=exposure, scorer=scorer() if callable(scorer) else scorer,
+                                exposure=exposure, scorer=_resolve(scorer),
                                 shards=shards)
         out["pi"] = pi_usage
         return out
@@ -244,8 +251,6 @@ def train_step(p: Pipeline, rollouts: Artifact, targets: Artifact, init: Policy,
                rows: list[Row] | None = None) -> tuple[Artifact, Policy]:
     """``teacher``: for live-teacher objectives (default: the run's teacher); ``rows``: for
     TRACE spans (their metadata and verifiers)."""
-    from opsd.plots import log_training_curves
-
     cfg = config_for_key(p.cfg.train)
     tcfg = p.cfg.train
     if tcfg.live_teacher and teacher is None:
@@ -269,10 +274,27 @@ def train_step(p: Pipeline, rollouts: Artifact, targets: Artifact, init: Policy,
         force=force, require_cached=require_cached, after=after,
     )
     trained = Policy(key=art.key, path=art.path / "model", label="trained")
-    model = getattr(p, "last_extras", {}).get("trained_model") if not art.manifest.get("_cached") else None
+    model = p.take_extras(art).get("trained_model")
     if model is not None and art.key not in p.pool.masters:
         p.pool.adopt(trained, model)
     return art, trained
+
+
+def online_train_step(p: Pipeline, loop, rollouts: Artifact, targets: Artifact, init: Policy,
+                      iteration: int) -> tuple[Artifact, Policy]:
+    """One online iteration's train stage: the resident student (``loop``: an
+    :class:`opsd.flows.online_loop.OnlineLoop`) trains on this iteration's rollouts and targets.
+    Its key chains on ``init`` (the previous iteration's train key), so a rerun finds completed
+    iterations; their weights are caught up lazily when a later stage needs the student."""
+    cfg = config_for_key(p.cfg.train)
+    cfg.update({"online": config_for_key(p.cfg.online), "iteration": iteration,
+                # the LR schedule's length matters only for decaying schedules
+                "plan_steps": loop.plan_steps if p.cfg.train.schedule != "constant" else None})
+    art = p.stage(f"train/{iteration:03d}", "train", cfg,
+                  {"rollouts": rollouts.key, "targets": targets.key, "init": init.key},
+                  lambda ctx: loop.train_iteration(rollouts, targets, iteration, ctx))
+    loop.record(art.key, rollouts, targets, iteration, trained_here=p.computed(art))
+    return art, Policy(art.key, loop.base.path, f"iter-{iteration}")  # weights live in memory
 
 
 def log_model(p: Pipeline, art: Artifact, stage_run: str | None, folder: str = "model") -> None:
@@ -286,17 +308,17 @@ def log_model(p: Pipeline, art: Artifact, stage_run: str | None, folder: str = "
 
 
 def evaluate_step(p: Pipeline, rows: list[Row], data: Artifact, policy: Policy, *, label: str,
-                  with_context: bool = False, force=False) -> Artifact:
-    from opsd.plots import log_eval_table
-
+                  with_context: bool = False, force=False, engine=None) -> Artifact:
+    """``engine``: a resident generator (online: the student's sampling copy, caught up)."""
     eval_rows = [r for r in rows if r.split == "eval"]
-    cfg = config_for_key(p.cfg.eval, drop=("batch_size", "teacher_ceiling"))
+    cfg = config_for_key(p.cfg.eval)
     ctx_cfg = p.cfg.teacher.context if with_context else None
     cfg["with_context"] = config_for_key(ctx_cfg) if ctx_cfg is not None else None
     return p.stage(
         label, "evaluate", cfg, {"dataset": data.key, "policy": policy.key},
         lambda ctx: evaluate_stage.run(p.cfg.eval, eval_rows, policy, ctx, label=label.split("/")[-1],
-                                       with_context=ctx_cfg, backend=p.cfg.rollout.backend),
+                                       with_context=ctx_cfg, backend=p.cfg.rollout.backend,
+                                       engine=_resolve(engine)),
         force=force, after=lambda art, run: log_eval_table(p, art, run),
     )
 
@@ -305,12 +327,10 @@ def retention_step(p: Pipeline, base: Policy, policy: Policy, *, label="retentio
                    force=False) -> Artifact | None:
     """Forgetting check of ``policy`` against the ``base`` model (None when retention is off).
     The base model's replies are their own artifact, shared by every run on that base."""
-    from stages import retention as retention_stage
-
     rc = p.cfg.retention
     if not rc.enabled:
         return None
-    cfg = config_for_key(rc, drop=("batch_size", "enabled"))
+    cfg = config_for_key(rc)
     base_art = p.stage(f"{label}/base", "retention_base", cfg, {"policy": base.key},
                        lambda ctx: retention_stage.base_run(rc, base, ctx))
     art = p.stage(label, "retention", cfg, {"base": base_art.key, "policy": policy.key},

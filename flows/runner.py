@@ -10,11 +10,9 @@ always list all of its stages.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import secrets
 import shutil
 import time
@@ -26,14 +24,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from filelock import FileLock, Timeout
 
 from opsd.config import PipelineConfig
 from opsd.memory import release_free_memory
 from opsd.pool import ModelPool
-from stages.common import Artifact, StageContext, write_manifest
-from storage.catalog import Catalog, env_catalog_timeout
-from storage.layout import Layout, canonical_json, dir_stats, stage_key
-from storage.tracking import Tracker, flatten
+from opsd.stages.common import Artifact, StageContext, write_manifest
+from opsd.storage.catalog import Catalog
+from opsd.storage.layout import Layout, canonical_json, dir_stats, stage_key
+from opsd.storage.tracking import Tracker, flatten
 
 log = logging.getLogger("opsd")
 
@@ -85,7 +84,7 @@ class Pipeline:
     ):
         self.cfg = cfg
         self.layout = Layout.at(root)
-        self.catalog = Catalog(self.layout.catalog, self.layout.artifacts, env_catalog_timeout())
+        self.catalog = Catalog(self.layout)
         self.tracker = Tracker(self.layout.mlflow_db, self.layout.mlflow_artifacts) if track else None
         self.run_id = run_id or new_run_id()
         self.parent_run_id = parent_run_id
@@ -93,6 +92,8 @@ class Pipeline:
         self.show_progress = show_progress
         self.records: list[StageRecord] = []
         self.mlflow_run_id: str | None = None
+        self._computed: set[str] = set()  # keys of the artifacts this process computed
+        self._extras: dict[str, dict] = {}  # key → in-memory results of that stage (StageContext.extras)
         self._say = logger or (lambda msg: log.info(msg))
         self._t0 = time.perf_counter()
 
@@ -136,6 +137,20 @@ class Pipeline:
             self.tracker.end(self.mlflow_run_id, "FINISHED" if status == "completed" else "FAILED")
         return metrics
 
+    @contextmanager
+    def failing_on_error(self, cleanup: Callable[[], None] | None = None):
+        """Mark the run failed (catalog + MLflow) when the block raises, after ``cleanup``."""
+        try:
+            yield
+        except BaseException as err:
+            if cleanup is not None:
+                try:
+                    cleanup()
+                except BaseException:  # noqa: BLE001 - the run's own error is the one to report
+                    pass
+            self.finish("failed", error=f"{type(err).__name__}: {err}"[:2000])
+            raise
+
     # ------------------------------------------------------------------ stages
 
     def key(self, stage: str, config: Any, inputs: dict[str, str]) -> str:
@@ -171,17 +186,16 @@ class Pipeline:
         # Lock files stay (unlinking one another process waits on would split the lock).
         locks = self.layout.tmp / "locks"
         locks.mkdir(exist_ok=True)
-        path = locks / f"{stage}-{key}.lock"
-        with open(path, "a+") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.say(f"stage {label}: another run is computing key {key}; waiting to reuse it")
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        lock = FileLock(locks / f"{stage}-{key}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            self.say(f"stage {label}: another run is computing key {key}; waiting to reuse it")
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _stage(self, label, stage, key, config, inputs, fn, *, force, require_cached, kind, after):
         t0 = time.perf_counter()
@@ -249,14 +263,23 @@ class Pipeline:
             self.catalog.record_artifact(**record, status="publishing")
         path = self.layout.publish(stage, key)
         art = Artifact(key, path, manifest)
-        art_extras = ctx.extras
+        self._computed.add(key)
+        self._extras[key] = ctx.extras
         self._record(label, stage, key, False, time.perf_counter() - t0, stage_run, art,
                      publish=record)
         self.say(f"stage {label}: done in {time.perf_counter() - t0:.1f}s → {path}")
         if after:
             after(art, stage_run)
-        self.last_extras = art_extras
         return art
+
+    def computed(self, art: Artifact) -> bool:
+        """True when this process computed ``art`` (False: reused from the catalog)."""
+        return art.key in self._computed
+
+    def take_extras(self, art: Artifact) -> dict:
+        """The in-memory results a stage left beside ``art`` (a trained model, …), handed over
+        once (the pipeline keeps no reference); empty for a reused artifact."""
+        return self._extras.pop(art.key, {})
 
     def _record(self, label, stage, key, cached, seconds, stage_run, art: Artifact,
                 publish: dict | None = None) -> None:
@@ -277,14 +300,7 @@ class Pipeline:
             fn(self.tracker, self.mlflow_run_id)
 
 
-def config_for_key(cfg_section: Any, drop: tuple[str, ...] = ()) -> dict:
-    """A stage's config as hashed: drop fields that do not change outputs (batch sizes…)."""
-    d = json.loads(cfg_section.model_dump_json()) if hasattr(cfg_section, "model_dump_json") else dict(cfg_section)
-    for k in drop:
-        d.pop(k, None)
-    return json.loads(canonical_json(d))
-
-
-def env_flag(name: str, default: bool = False) -> bool:
-    v = os.environ.get(name)
-    return default if v is None else v.lower() not in ("0", "false", "no", "")
+def config_for_key(section: Any) -> dict:
+    """A config section as hashed into a stage's key: each field declares whether it enters
+    (``opsd.config.RunOnly`` fields and the settings of features that are off do not)."""
+    return json.loads(canonical_json(section.key_dict()))

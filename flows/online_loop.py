@@ -31,13 +31,14 @@ from opsd.backends.hf import HFGenerator, HFScorer
 from opsd.backends.prepack import refresh_from, release_packed
 from opsd.config import PipelineConfig
 from opsd.data.rows import Row
-from opsd.pipeline import Pipeline, config_for_key
+from opsd.flows.runner import Pipeline, config_for_key
 from opsd.pool import Policy
-from opsd.training.loop import Trainer
+from opsd.training.trainer import Trainer
+from opsd import teachers
 from opsd.training.state import has_resume_point, load_resume_point, save_resume_point
-from stages.common import Artifact, StageContext
-from stages import train as train_stage
-from storage.layout import canonical_json
+from opsd.stages.common import Artifact, StageContext
+from opsd.stages import train as train_stage
+from opsd.storage.layout import canonical_json
 
 
 def iteration_prompts(train_rows: list[Row], cfg: PipelineConfig, iteration: int) -> list[str]:
@@ -76,25 +77,39 @@ class Resident:
     engine_loads: dict[str, int] = field(default_factory=dict)
 
 
-# online.* keys that change how long or how safely a run goes, not what an iteration computes:
-# left out of the content keys of the chain and of each iteration's train stage.
-RUN_ONLY_ONLINE_KEYS = ("eval_every", "resume_every", "resume_min_interval_s", "iterations", "stop_at")
-
-
 class OnlineLoop:
+    """The resident student of an online run and the chain of its completed iterations.
+
+    Public API (what the online flow and ``flows.steps`` call):
+
+    * :meth:`current` — the resident models, holding the student after the last iteration of
+      :attr:`chain` (loaded on first use, caught up from a resume point or by replay);
+    * :meth:`teacher_policy`, :meth:`exposure`, :meth:`observe` — per-iteration teacher inputs;
+    * :meth:`train_iteration` — the train stage's body for one iteration;
+    * :meth:`record` — append a finished iteration to the chain (and, when it was trained in this
+      process, refresh the copies and write a resume point);
+    * :meth:`wait_saved` — block until the resume point being written is on disk.
+    """
+
     def __init__(self, p: Pipeline, rows: list[Row], data: Artifact, student: Policy, teacher: Policy):
         self.p, self.cfg = p, p.cfg
         self.rows = rows
         self.train_rows = [r for r in rows if r.split == "train"]
         self.data = data
         self.base = student
-        self.external_teacher = teacher if self.cfg.teacher.kind == "external" else None
+        self.kind = teachers.get(self.cfg.teacher.kind)
+        self.external_teacher = teacher if self.kind.needs_model else None
         self.res: Resident | None = None
+        # (train key, rollouts, targets) of every iteration so far, in order
+        self.chain: list[tuple[str, Artifact, Artifact]] = []
         self.pass_rates: dict[int, float | None] = {}
         chain = {
-            "online": config_for_key(self.cfg.online, drop=RUN_ONLY_ONLINE_KEYS),
+            "online": config_for_key(self.cfg.online),
             "rollout": config_for_key(self.cfg.rollout),
-            "teacher": config_for_key(self.cfg.teacher, drop=("batch_size", "shard_size")),
+            "teacher": config_for_key(self.cfg.teacher),
+            # who the teacher is (left out of the teacher stage's key, whose teacher policy key
+            # carries it) decides what every iteration's student becomes
+            "teacher_kind": {"kind": self.kind.name, "ema_rate": self.cfg.teacher.ema_rate},
             "train": config_for_key(self.cfg.train),
             "data": data.key,
             "base": student.key,
@@ -109,28 +124,32 @@ class OnlineLoop:
 
     # ------------------------------------------------------------------ residency
 
-    def _ensure_resident(self) -> Resident:
+    def current(self) -> Resident:
+        """The resident models, holding the student after the chain's last iteration."""
+        res = self._prepare()
+        if self.chain:
+            self._bring_to(self.chain[-1][0])
+        return res
+
+    def _prepare(self) -> Resident:
         if self.res is not None:
             return self.res
         pool, cfg = self.p.pool, self.cfg
         infer = copy.deepcopy(pool.inference(self.base, cfg.rollout.dtype))
         # Teacher copies are made before the trainer takes the fp32 master over from the pool
         # (no second fp32 copy is held; the pool reloads the base from disk if asked again).
-        kind, ema = cfg.teacher.kind, None
-        if kind == "frozen":
-            teacher_model = pool.inference(self.base, cfg.teacher.dtype)
-        elif kind == "live":
-            teacher_model = infer
-        elif kind == "ema":
-            ema = copy.deepcopy(pool.master(self.base))
-            teacher_model = copy.deepcopy(pool.inference(self.base, cfg.teacher.dtype))
-        else:
-            teacher_model = pool.inference(self.external_teacher, cfg.teacher.dtype)
+        built = self.kind.build(pool, self.base, self.external_teacher, infer, cfg.teacher.dtype)
+        teacher_model, ema = built.model, built.ema
         master = pool.take_master(self.base)
         if teacher_model is master:  # an fp32 frozen teacher: the pool now holds a private copy
             teacher_model = pool.inference(self.base, cfg.teacher.dtype)
+        # live-teacher objectives (jsd, student-support top-k) score with the teacher model in
+        # the train step itself, against the context ids the iteration's teacher stage stored
         trainer = Trainer(master, cfg.train, pool.tokenizer(self.base).pad_token_id,
-                          total_steps=self.plan_steps)
+                          total_steps=self.plan_steps,
+                          teacher_model=teacher_model if cfg.train.live_teacher else None,
+                          teacher_batch_size=cfg.teacher.batch_size,
+                          share_prefix=cfg.teacher.share_prefix)
         if cfg.rollout.backend == "vllm":
             from opsd.backends import make_generator
 
@@ -140,7 +159,7 @@ class OnlineLoop:
         if cfg.teacher.backend == "vllm":
             from opsd.backends import make_scorer
 
-            start = self.external_teacher if kind == "external" else self.base
+            start = self.external_teacher or self.base
             scorer = make_scorer(cfg.teacher, pool, Policy(start.key, start.path, "teacher"))
         else:
             scorer = HFScorer(teacher_model, batch_size=cfg.teacher.batch_size,
@@ -162,16 +181,16 @@ class OnlineLoop:
     def _sync_engines(self) -> None:
         """vLLM engines hold their own weights: load the new student (and a live/EMA teacher)
         into the running engines; which path ran (in place or engine rebuild) is logged."""
-        res, kind = self.res, self.cfg.teacher.kind
+        res = self.res
         if self.cfg.rollout.backend == "vllm":
             how = res.generator.update_weights(res.master, weights_key=res.state_key)
             res.engine_loads[f"rollout.{how}"] = res.engine_loads.get(f"rollout.{how}", 0) + 1
             self.p.say(f"online: vLLM rollout engine took the new student weights ({how})")
-        if self.cfg.teacher.backend == "vllm" and kind in ("live", "ema"):
-            src = res.master if kind == "live" else res.ema
-            how = res.scorer.update_weights(src, weights_key=f"{kind}-{res.state_key}")
+        src = self.kind.new_weights(res.master, res.ema)
+        if self.cfg.teacher.backend == "vllm" and src is not None:
+            how = res.scorer.update_weights(src, weights_key=f"{self.kind.name}-{res.state_key}")
             res.engine_loads[f"teacher.{how}"] = res.engine_loads.get(f"teacher.{how}", 0) + 1
-            self.p.say(f"online: vLLM teacher engine took the new {kind} weights ({how})")
+            self.p.say(f"online: vLLM teacher engine took the new {self.kind.name} weights ({how})")
 
     # ------------------------------------------------------------------ exposure
 
@@ -204,24 +223,17 @@ class OnlineLoop:
 
     # ------------------------------------------------------------------ policies
 
-    def teacher_policy(self, student_key: str, iteration: int) -> Policy:
-        kind = self.cfg.teacher.kind
-        if kind == "frozen":
-            return Policy(self.base.key, self.base.path, "teacher")
-        if kind == "external":
-            return self.external_teacher
-        if kind == "live":
-            return Policy(student_key, self.base.path, "teacher(live)")
-        return Policy(f"ema{self.cfg.teacher.ema_rate}-{student_key}", self.base.path, "teacher(ema)")
+    def teacher_policy(self, student_key: str) -> Policy:
+        """The teacher scoring the rollouts of the student keyed ``student_key``."""
+        return self.kind.policy(self.base, self.external_teacher, student_key,
+                                self.cfg.teacher.ema_rate)
 
     # ------------------------------------------------------------------ state
 
-    def _bring_to(self, target_key: str, chain: list[tuple[str, Artifact, Artifact]]) -> None:
-        """Make the resident student hold the state after the iteration keyed ``target_key``.
-
-        ``chain`` lists (train key, rollouts, targets) of the iterations so far.
-        """
-        res = self._ensure_resident()
+    def _bring_to(self, target_key: str) -> None:
+        """Make the resident student hold the state after the iteration keyed ``target_key``."""
+        chain = self.chain
+        res = self._prepare()
         if res.state_key == target_key:
             return
         self.wait_saved()  # loading or replaying changes the weights being written
@@ -302,50 +314,40 @@ class OnlineLoop:
     # ------------------------------------------------------------------ training
 
     def _train_steps(self, rollouts: Artifact, targets: Artifact, iteration: int, record=True) -> list[dict]:
-        res = self._ensure_resident()
-        cfg = self.cfg
-        examples = train_stage.load_examples(rollouts, targets)
+        res = self._prepare()
         self.wait_saved()  # the optimiser step changes the weights and moments being written
         if res.infer is not res.teacher_model:
             # its weights are rebuilt from the master after the step anyway (_sync_copies):
             # free them for the step, whose memory peak is the run's
             release_packed(res.infer)
-        order = np.random.default_rng([cfg.train.seed, iteration]).permutation(len(examples))
-        bs = cfg.train.batch_size
-        stats = []
-        for s in range(cfg.online.steps_per_iteration):
-            idx = [order[(s * bs + j) % len(order)] for j in range(min(bs, len(order)))]
-            st = res.trainer.step([examples[j] for j in idx], epoch=iteration).as_dict()
-            st["iteration"] = iteration
-            stats.append(st)
+        stats = train_stage.online_steps(
+            res.trainer, self.cfg.train, rollouts, targets, iteration,
+            self.cfg.online.steps_per_iteration, rows=self.train_rows,
+            tokenizer=self.p.pool.tokenizer(self.base))
         if record:
             res.history.extend(stats)
         return stats
 
     def train_iteration(self, rollouts: Artifact, targets: Artifact, iteration: int,
-                        chain: list, ctx: StageContext) -> dict:
-        res = self._ensure_resident()
-        if chain:
-            self._bring_to(chain[-1][0], chain)
+                        ctx: StageContext) -> dict:
+        """The train stage of one iteration: the resident student, caught up with the chain,
+        takes ``online.steps_per_iteration`` optimiser steps on this iteration's samples."""
+        self.current()
         t0 = time.perf_counter()
         stats = self._train_steps(rollouts, targets, iteration)
-        seconds = time.perf_counter() - t0
-        if ctx.on_metrics:
-            for st in stats:
-                ctx.on_metrics({k: v for k, v in st.items() if k != "step"}, st["step"])
-        train_stage.write_history(stats, ctx.out_dir / "metrics.parquet")
-        tokens = sum(s["tokens"] for s in stats)
-        return {
-            "iteration": iteration, "steps": len(stats), "tokens_trained": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds if seconds else None, "final_loss": stats[-1]["loss"],
-            "final_kl": stats[-1]["kl"], "objective": self.cfg.train.objective,
-        }
+        return train_stage.online_manifest(stats, self.cfg.train, iteration,
+                                           time.perf_counter() - t0, ctx)
 
-    def after_train(self, key: str, iteration: int) -> None:
-        res = self.res
-        res.state_key = key
-        self._sync_copies()
-        self._save_resume(iteration)
+    def record(self, key: str, rollouts: Artifact, targets: Artifact, iteration: int, *,
+               trained_here: bool) -> None:
+        """Append iteration ``iteration`` (train key ``key``) to the chain. When this process
+        trained it, the resident student holds its end state: refresh the sampling and teacher
+        copies and write a resume point (a reused iteration is caught up lazily instead)."""
+        self.chain.append((key, rollouts, targets))
+        if trained_here:
+            self.res.state_key = key
+            self._sync_copies()
+            self._save_resume(iteration)
 
 
 def _untied(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -12,8 +12,8 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from opsd.pipeline import Pipeline
-    from stages.common import Artifact
+    from opsd.flows.runner import Pipeline
+    from opsd.stages.common import Artifact
 
 log = logging.getLogger("opsd")
 
@@ -46,7 +46,7 @@ def log_training_curves(p: "Pipeline", art: "Artifact", stage_run: str | None) -
     if not (p.tracker and stage_run):
         return
     try:
-        from storage.parquet import read_table
+        from opsd.storage.parquet import read_table
 
         path = art.path / "metrics.parquet"
         if not path.exists():
@@ -65,7 +65,7 @@ def log_eval_table(p: "Pipeline", art: "Artifact", stage_run: str | None) -> Non
     if not (p.tracker and stage_run):
         return
     try:
-        from storage.parquet import read_table
+        from opsd.storage.parquet import read_table
 
         t = read_table(art.path).to_pydict()
         cols = {k: t[k] for k in ("row_id", "task", "greedy", "passed", "finish_reason", "text")}
@@ -117,7 +117,7 @@ def log_position_gap(p: "Pipeline", rollouts: "Artifact", targets: "Artifact", s
     try:
         import numpy as np
 
-        from storage.parquet import read_table
+        from opsd.storage.parquet import read_table
 
         r = read_table(rollouts.path, columns=["sample_id", "behaviour_logprobs"]).to_pydict()
         t = read_table(targets.path, columns=["sample_id", "sampled_logprobs"]).to_pydict()

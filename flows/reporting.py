@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from opsd.pipeline import Pipeline
-from opsd.steps import headline_metrics
-from stages.common import Artifact
+from opsd.flows.runner import Pipeline
+from opsd.flows.steps import headline_metrics
+from opsd.stages.common import Artifact
 
 log = logging.getLogger("opsd")
 
@@ -33,7 +33,7 @@ def compliance_table(evals: dict[str, Artifact]) -> str:
 
 def finish_report(p: Pipeline, evals: dict[str, Artifact], *, rollouts: Artifact | None = None,
                   targets: Artifact | None = None, extra: dict[str, float] | None = None) -> dict:
-    from opsd.plots import compliance_figure, log_position_gap
+    from opsd.flows.plots import compliance_figure, log_position_gap
 
     metrics = headline_metrics(evals)
     metrics.update(extra or {})

@@ -1,0 +1,108 @@
+"""Plain helpers shared by test modules (fixtures live in conftest.py): tiny datasets and
+configs, and the local-server helpers. Tests import this module, never each other or bench/."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from opsd.config import TrainConfig
+from opsd.stages import train as train_stage
+from opsd.stages.common import StageContext
+
+
+DEMOS = [{"prompt": "Capital of Fiji?", "completion": "Sure thing! Suva."}] * 3
+LABELS = ["dataset", "evaluate/before", "evaluate/teacher", "rollout", "teacher", "train",
+          "evaluate/after"]
+
+
+def write_dataset(path: Path, n_train=6, n_eval=4) -> Path:
+    with path.open("w") as f:
+        for i in range(n_train + n_eval):
+            f.write(json.dumps({
+                "id": f"q{i}", "prompt": f"Question number {i}?",
+                "privileged_context": {"demonstrations": DEMOS},
+                "verifier": {"type": "regex", "pattern": r"^\s*Sure", "description": "start with 'Sure'"},
+                "split": "train" if i < n_train else "eval", "task": "sure" if i % 2 else "other",
+            }) + "\n")
+    return path
+
+
+def tiny_config(model_dir: Path, data: Path) -> dict:
+    return {
+        "name": "tiny",
+        "model": {"name": str(model_dir)},
+        "data": {"source": str(data)},
+        "rollout": {"n": 2, "max_new_tokens": 6, "batch_size": 8, "shard_size": 4,
+                    "guidance": {"enabled": True, "threshold": 0.01, "min_teacher_prob": 0.0}},
+        "teacher": {"topk": 4, "shard_size": 5},
+        "train": {"epochs": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-3},
+        "eval": {"max_new_tokens": 6, "samples": 2},
+    }
+
+
+def online_config(model_dir: Path, data: Path, iterations=4, **over) -> dict:
+    cfg = {
+        "name": "tiny-online", "mode": "online",
+        "model": {"name": str(model_dir)}, "data": {"source": str(data)},
+        "rollout": {"n": 2, "max_new_tokens": 6, "batch_size": 8},
+        "teacher": {"topk": 4},
+        "train": {"batch_size": 4, "micro_batch_size": 2, "lr": 1e-3},
+        "online": {"iterations": iterations, "prompts_per_iteration": 3, "eval_every": 2},
+        "eval": {"max_new_tokens": 6},
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v}
+    return cfg
+
+
+OBJECTIVE_DEMOS = [{"prompt": "Capital of Fiji?", "completion": "Sure thing! Suva."}] * 2
+
+
+def objectives_dataset(path: Path, n=6) -> Path:
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({
+                "id": f"q{i}", "prompt": f"Question number {i}?",
+                "privileged_context": {"demonstrations": OBJECTIVE_DEMOS},
+                # a random model's replies pass this about half the time: both verdicts occur
+                "verifier": {"type": "regex", "pattern": r"^\s\w"},
+                "metadata": {"trace": {"error": ["[xyz]"]}},
+                "split": "train", "task": "t",
+            }) + "\n")
+    return path
+
+
+def train_on(a, name: str, **train) -> tuple[dict, object]:
+    """Train objective ``name`` for one epoch on the ``artifacts`` fixture's rollouts/targets."""
+    cfg = TrainConfig.model_validate({"epochs": 1, "batch_size": 12, "micro_batch_size": 6, "lr": 1e-3,
+                                      "logit_chunk": 16, "autocast": "none", **train})
+    out = a["base"] / f"train-{name}"
+    out.mkdir()
+    ctx = StageContext(out_dir=out, pool=a["pool"], show_progress=False)
+    man = train_stage.run(cfg, a["rollouts"], a["targets"], a["policy"], ctx, teacher=a["policy"],
+                          teacher_dtype="float32", rows=a["rows"], rollout_temperature=1.0)
+    return man, ctx.extras["trained_model"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout: float = 180) -> None:
+    """Poll ``url`` until it answers; fail early if ``proc`` exits."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                raise AssertionError(f"{what} did not come up")
+            time.sleep(1)
