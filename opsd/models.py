@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -177,14 +176,6 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Modul
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
     return model
-
-
-@dataclass
-class LoadedModel:
-    path: Path
-    fingerprint: str
-    tokenizer: PreTrainedTokenizerBase
-    model: torch.nn.Module
 
 
 def check_compatible(student: Path, teacher: Path) -> None:

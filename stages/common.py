@@ -62,7 +62,3 @@ def shard_seed(seed: int, shard: int, salt: str = "") -> int:
 def write_manifest(out_dir: Path, manifest: dict) -> None:
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
 
-
-def read_manifest(path: Path) -> dict:
-    f = path / "manifest.json"
-    return json.loads(f.read_text()) if f.exists() else {}

@@ -9,10 +9,10 @@ the source file invalidates exactly what depends on it.
 from __future__ import annotations
 
 from opsd.config import DataConfig
-from opsd.data import load_rows, rows_from_table, rows_to_table
+from opsd.data import load_rows, rows_to_table
 from opsd.data.rows import Row
-from opsd.stages.common import Artifact, StageContext
-from opsd.storage.parquet import read_table, write_table_atomic
+from opsd.stages.common import StageContext
+from opsd.storage.parquet import write_table_atomic
 
 
 def select(rows: list[Row], cfg: DataConfig) -> list[Row]:
@@ -43,6 +43,3 @@ def run(cfg: DataConfig, rows: list[Row], ctx: StageContext) -> dict:
         "source": cfg.source,
     }
 
-
-def read_rows(artifact: Artifact) -> list[Row]:
-    return rows_from_table(read_table(artifact.path / "rows.parquet"), label=str(artifact.path))

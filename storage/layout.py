@@ -151,10 +151,6 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
 def dir_stats(path: Path) -> tuple[int, str]:
     """(total bytes, content hash) of a directory's files, in name order."""
     total, h = 0, hashlib.sha256()

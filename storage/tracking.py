@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from filelock import FileLock
 
@@ -167,46 +167,6 @@ class Tracker:
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i : i + 500])
 
-    def log_metric_series(self, run_id: str, rows: Iterable[dict], step_key: str = "step") -> None:
-        """Per-step metrics (one dict per step) in batches: fast for thousands of steps."""
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        batch: list = []
-        for row in rows:
-            step = int(row[step_key])
-            for k, v in row.items():
-                if k != step_key and isinstance(v, (int, float)) and v == v:
-                    batch.append(Metric(metric_name(k), float(v), ts, step))
-            if len(batch) >= 900:
-                self.client.log_batch(run_id, metrics=batch)
-                batch = []
-        if batch:
-            self.client.log_batch(run_id, metrics=batch)
-
-    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(run_id, k, str(v))
-
-    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
-
-    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
-
-    def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
-        self.client.log_dict(run_id, obj, artifact_file)
-
-    def log_table(self, run_id: str, columns: dict[str, list], artifact_file: str) -> None:
-        """An MLflow table (shown in the UI's artifact view and Evaluation tab)."""
-        self.client.log_table(run_id, data=columns, artifact_file=artifact_file)
-
-    def log_figure(self, run_id: str, fig, artifact_file: str) -> None:
-        self.client.log_figure(run_id, fig, artifact_file)
-
-    def end(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
-
     def log_transformers_model(self, run_id: str, model_dir: Path, artifact_path: str = "model") -> str:
         """Log an HF checkpoint folder as an MLflow `transformers` model; returns its URI.
 
@@ -229,9 +189,6 @@ class Tracker:
         uri = f"runs:/{run_id}/{artifact_path}"
         self.set_tags(run_id, {"opsd.model_uri": uri})
         return uri
-
-    def log_dir(self, run_id: str, folder: Path, artifact_path: str) -> None:
-        self.client.log_artifacts(run_id, str(folder), artifact_path)
 
 
 def scratch_dir() -> Path:

@@ -94,10 +94,6 @@ class Batch:
                  for k, v in self.__dict__.items()}
         return Batch(**moved)
 
-    @property
-    def n_seqs(self) -> int:
-        return int(self.input_ids_BL.shape[0])
-
 
 def _plain_layout(examples: list[Example], pad_id: int):
     L = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
