@@ -26,7 +26,7 @@ from opsd.data import verify
 from opsd.data.rows import Row
 from opsd.pool import Policy
 from opsd.stages.common import StageContext, shard_seed
-from opsd.stages.shards import (InlineShards, ShardRunner, free_masters, summary, worker_id,
+from opsd.stages.shards import (InlineShards, ShardRunner, dispatch, free_masters, summary, worker_id,
                            worker_pool)
 from opsd.storage.parquet import ROLLOUTS, completed_shards, shard_name, write_table_atomic
 
@@ -162,25 +162,18 @@ def run(
     t0 = time.perf_counter()
     bar = ctx.progress(len(rows) * cfg.n, f"rollout ({policy.label or 'policy'})", "sample")
     bar.update(sum(min(cfg.shard_size, len(rows) - i * cfg.shard_size) for i in done) * cfg.n)
-    remote = (runner.remote and jobs and engine is None and guide_model is None
-              and cfg.backend == "hf")
-    if remote:
-        results = runner.map(run_shard, jobs, names, on_done=lambda r: bar.update(r["samples"]),
-                             label="rollout")
-    else:
-        if runner.remote:
-            runner = InlineShards()  # this process holds the engine (online, vLLM): shards stay here
-        results = []
-        if jobs:
-            tokenizer = ctx.pool.tokenizer(policy)
-            engine = engine or make_generator(cfg, ctx.pool, teacher if from_teacher else policy)
-            if cfg.guidance.enabled:
-                guide_model = guide_model or ctx.pool.inference(teacher, cfg.dtype)
-            else:
-                guide_model = None
-            fn = partial(write_shard, tokenizer=tokenizer, engine=engine, guide_model=guide_model,
-                         progress=bar.update)
-            results = runner.map(fn, jobs, names, label="rollout")
+
+    def local():
+        tokenizer = ctx.pool.tokenizer(policy)
+        gen = engine or make_generator(cfg, ctx.pool, teacher if from_teacher else policy)
+        guide = (guide_model or ctx.pool.inference(teacher, cfg.dtype)) if cfg.guidance.enabled else None
+        return partial(write_shard, tokenizer=tokenizer, engine=gen, guide_model=guide,
+                       progress=bar.update)
+
+    runner, results = dispatch(
+        runner, jobs, names, remote_fn=run_shard, local_fn=local, label="rollout",
+        resident=engine is not None or guide_model is not None or cfg.backend != "hf",
+        progress=bar.update)
     bar.close()
     seconds = time.perf_counter() - t0
     out = summarize(ctx, seconds, sum(r["tokens"] for r in results),

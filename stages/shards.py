@@ -56,6 +56,28 @@ class InlineShards:
         return out
 
 
+def dispatch(runner: ShardRunner, jobs: Sequence[Any], names: Sequence[str], *,
+             remote_fn: Callable[[Any], dict], local_fn: Callable[[], Callable[[Any], dict]],
+             resident: bool, progress: Callable[[int], Any], label: str
+             ) -> tuple[ShardRunner, list[dict]]:
+    """Run a sharded stage's missing ``jobs``; returns (the runner that ran them, results).
+
+    A remote runner (processes, Ray) gets ``remote_fn`` (module level: each worker loads its
+    own models) unless this process already holds the stage's engine (``resident``: online
+    mode's resident models, a vLLM engine): then the shards stay here, one after the other.
+    Locally ``local_fn()`` builds the function (it loads or takes the engine only now, so a
+    stage whose shards are all on disk loads nothing). ``progress(n)`` counts finished samples
+    of remote shards; local shards report their own progress."""
+    if runner.remote and jobs and not resident:
+        return runner, runner.map(remote_fn, jobs, names, label=label,
+                                  on_done=lambda r: progress(r["samples"]))
+    if runner.remote:
+        runner = InlineShards()
+    if not jobs:
+        return runner, []
+    return runner, runner.map(local_fn(), jobs, names, label=label)
+
+
 _POOL: ModelPool | None = None
 
 

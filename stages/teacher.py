@@ -26,7 +26,7 @@ from opsd.context.render import build_context, check_length, student_ids, studen
 from opsd.data.rows import Row
 from opsd.pool import Policy
 from opsd.stages.common import Artifact, StageContext, ids_hash
-from opsd.stages.shards import (InlineShards, ShardRunner, free_masters, summary, worker_id,
+from opsd.stages.shards import (InlineShards, ShardRunner, dispatch, free_masters, summary, worker_id,
                            worker_pool)
 from opsd.storage.parquet import (CONTEXTS, CONTEXTS_FILE, TEACHER, completed_shards, read_table, shard_name,
                              write_table_atomic)
@@ -173,22 +173,22 @@ def run(
     t0 = time.perf_counter()
     bar = ctx.progress(n, f"teacher ({teacher.label or 'teacher'})", "sample")
     bar.update(n - sum(len(j.responses) for j in jobs))
+    local_scorer = []
+
+    def local():
+        local_scorer.append(scorer or make_scorer(cfg, ctx.pool, teacher))
+        return partial(write_shard, scorer=local_scorer[0], progress=bar.update)
+
+    runner, results = dispatch(runner, jobs, names, remote_fn=run_shard, local_fn=local,
+                               resident=scorer is not None or cfg.backend != "hf",
+                               progress=bar.update, label="teacher")
     stats: dict = {}
-    if runner.remote and jobs and scorer is None and cfg.backend == "hf":
-        results = runner.map(run_shard, jobs, names, on_done=lambda r: bar.update(r["samples"]),
-                             label="teacher")
+    if runner.remote:  # each worker's scorer counters came back with its shards
         for r in results:
             for k, v in r.get("scorer", {}).items():
                 stats[k] = stats.get(k, 0) + v
-    else:
-        if runner.remote:
-            runner = InlineShards()  # this process holds the scorer (online, vLLM): shards stay here
-        results = []
-        if jobs:
-            scorer = scorer or make_scorer(cfg, ctx.pool, teacher)
-            results = runner.map(partial(write_shard, scorer=scorer, progress=bar.update), jobs, names,
-                                 label="teacher")
-        stats = dict(getattr(scorer, "stats", {}) or {})
+    elif local_scorer:
+        stats = dict(getattr(local_scorer[0], "stats", {}) or {})
     bar.close()
     write_contexts(contexts, ctx.out_dir / CONTEXTS_FILE)
     seconds = time.perf_counter() - t0

@@ -57,22 +57,9 @@ from typing import Any, Sequence
 import torch
 
 from opsd.backends.hf import Generation, SamplingParams, TokenTargets
+from opsd.config import VLLMEngineConfig
 
 log = logging.getLogger("opsd.vllm")
-
-# Defaults of the engine settings (opsd.config.VLLMEngineConfig, ``rollout.vllm`` /
-# ``teacher.vllm``); a config object without a ``vllm`` section is read field by field.
-DEFAULTS: dict[str, Any] = {
-    "tensor_parallel_size": 1,
-    "pipeline_parallel_size": 1,
-    "data_parallel_size": 1,
-    "distributed_executor_backend": None,  # None: vLLM's choice
-    "gpu_memory_utilization": 0.3,  # leaves room for a second engine and the trainer
-    "max_model_len": None,  # None: the model's own limit
-    "enforce_eager": None,  # None: eager on CPU (no torch.compile), graphs on a GPU
-    "kv_cache_gib": None,  # None: 2 GiB on CPU; sized from gpu_memory_utilization on a GPU
-}
-
 
 def _vllm():
     try:
@@ -99,11 +86,14 @@ def engine_settings(cfg, *, max_logprobs: int | None = None,
     """vLLM engine keyword arguments from a Rollout/TeacherConfig.
 
     The engine fields come from ``cfg.vllm`` (:class:`opsd.config.VLLMEngineConfig`), or from
-    ``cfg`` itself for an object without that section, with :data:`DEFAULTS` for what is
-    missing. ``on_cpu`` (None: ask vLLM's platform) picks the CPU defaults.
+    ``cfg`` itself for an object without that section, with the config's own defaults (the one
+    set of them) for what is missing. ``on_cpu`` (None: ask vLLM's platform) picks the CPU
+    defaults.
     """
     src = getattr(cfg, "vllm", None) or cfg
-    opt = {name: getattr(src, name, default) for name, default in DEFAULTS.items()}
+    defaults = VLLMEngineConfig()
+    opt = {name: getattr(src, name, getattr(defaults, name))
+           for name in VLLMEngineConfig.model_fields}
     cpu = _on_cpu() if on_cpu is None else bool(on_cpu)
     kw: dict[str, Any] = {
         "dtype": getattr(cfg, "dtype", "float32"),
@@ -558,4 +548,4 @@ def _targets(out, n_ctx: int, response: list[int], topk: int) -> TokenTargets | 
                         top_lps, tail)
 
 
-__all__ = ["VLLMGenerator", "VLLMScorer", "engine_settings", "close_all", "DEFAULTS"]
+__all__ = ["VLLMGenerator", "VLLMScorer", "engine_settings", "close_all"]
