@@ -1,7 +1,7 @@
 """Typed pipeline configuration.
 
 One YAML recipe maps onto :class:`PipelineConfig`. Every field carries help text
-(shown by ``opsd config --help-fields``) and a range where one makes sense, so a
+(shown by ``opsd config fields``) and a range where one makes sense, so a
 typo or an out-of-range value is refused before any compute, with the allowed
 range in the message. ``--set a.b=value`` overrides are applied to the raw
 mapping before validation, so they obey exactly the same rules.

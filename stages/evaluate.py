@@ -94,13 +94,13 @@ def run(
         if not is_greedy:
             per_row[row.id].append((normalize(final_answer(text)), v.passed))
     write_table_atomic(pa.Table.from_pydict(cols, schema=EVAL_SAMPLES), ctx.out_dir / shard_name(0))
-    metrics = summarize(rows, cols, per_row, cfg.samples)
+    metrics = metrics_of(rows, cols, per_row, cfg.samples)
     metrics.update({"label": label, "rows": len(rows), "seconds": seconds})
     (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
 
 
-def summarize(rows: list[Row], cols: dict, per_row: dict, k: int) -> dict:
+def metrics_of(rows: list[Row], cols: dict, per_row: dict, k: int) -> dict:
     task_of = {r.id: r.task or "all" for r in rows}
     greedy_by_task: dict[str, list[bool]] = defaultdict(list)
     for rid, g, p in zip(cols["row_id"], cols["greedy"], cols["passed"]):

@@ -176,13 +176,13 @@ def run(
         progress=bar.update)
     bar.close()
     seconds = time.perf_counter() - t0
-    out = summarize(ctx, seconds, sum(r["tokens"] for r in results),
+    out = manifest_of(ctx, seconds, sum(r["tokens"] for r in results),
                     sum(r["samples"] for r in results))
     out["shards"] = summary(runner, n_shards, results)
     return out
 
 
-def summarize(ctx: StageContext, seconds: float, tokens: int, generated: int) -> dict:
+def manifest_of(ctx: StageContext, seconds: float, tokens: int, generated: int) -> dict:
     from opsd.storage.parquet import read_table
 
     t = read_table(ctx.out_dir, columns=["n_tokens", "passed", "finish_reason", "guided_positions"]).to_pydict()

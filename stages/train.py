@@ -1,8 +1,8 @@
 """Train stage: distil the cached teacher targets into the student.
 
-Offline mode runs ``epochs`` passes over the targets; online mode calls
-:func:`train_steps` for a few steps per iteration on a model that stays in
-memory. Before any step the targets are checked against their rollouts
+Offline mode runs ``epochs`` passes over the targets (:func:`run`, one process or
+``train.world_size`` ranks under torchrun: :mod:`opsd.stages.train_worker`); online mode calls
+:func:`online_steps` for a few steps per iteration on a model that stays in memory. Before any step the targets are checked against their rollouts
 (same samples, same response token ids): training on misaligned targets would
 silently teach garbage.
 """

@@ -50,7 +50,7 @@ SCHEMA = [
     "CREATE TABLE IF NOT EXISTS view_defs(view_name VARCHAR PRIMARY KEY, sql_hash VARCHAR)",
 ]
 
-# name → (stage folder, file glob inside an artifact, extra SELECT)
+# view name → (stage folder, file glob inside an artifact)
 PARQUET_VIEWS = {
     "rollouts": ("rollout", "part-*.parquet"),
     "teacher_targets": ("teacher", "part-*.parquet"),
