@@ -167,6 +167,29 @@ class Tracker:
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i : i + 500])
 
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(run_id, obj, artifact_file)
+
+    def log_table(self, run_id: str, columns: dict[str, list], artifact_file: str) -> None:
+        """An MLflow table (shown in the UI's artifact view and Evaluation tab)."""
+        self.client.log_table(run_id, data=columns, artifact_file=artifact_file)
+
+    def log_figure(self, run_id: str, fig, artifact_file: str) -> None:
+        self.client.log_figure(run_id, fig, artifact_file)
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
     def log_transformers_model(self, run_id: str, model_dir: Path, artifact_path: str = "model") -> str:
         """Log an HF checkpoint folder as an MLflow `transformers` model; returns its URI.
 
