@@ -523,29 +523,28 @@ class TrainConfig(_Strict):
     attention: Literal["auto", "sdpa", "eager"] = Field(
         "auto",
         description="Attention kernel of the student's forward/backward. auto: eager for micro-"
-        "batches padded to <= 192 tokens, PyTorch SDPA above (measured on 2 CPU cores, SmolLM2-"
-        "135M, fwd+bwd: eager 0.71-0.94x SDPA's time at 64-128 tokens, 1.0x at 256, 1.3-2.7x at "
-        "512-1024).",
+        "batches padded to <= 192 tokens, PyTorch SDPA above (docs/benchmarks.md: where each "
+        "kernel is faster).",
     )
     batch_order: Literal["shuffle", "grouped"] = Field(
         "shuffle",
         description="shuffle: examples in a seeded random order every epoch. grouped: the "
         "questions are shuffled and each question's samples stay together, so a batch holds "
         "whole groups (as GRPO-style trainers batch) and their prompts are encoded once "
-        "(share_prompts); with rollout.n = 4 the offline train step computes ~1/3 fewer positions.",
+        "(share_prompts), so the train step computes fewer positions.",
     )
     share_prompts: bool = Field(
         True,
         description="Encode a prompt once per micro-batch for all of its samples (each reply "
         "attends to the one copy through a block mask) and pack rows to cut padding; used when "
         "it computes fewer positions and the attention kernel is sdpa or eager. Same loss up to "
-        "rounding; TRL-matched online step (4 questions x 4 replies): about half the positions.",
+        "rounding.",
     )
     activation_checkpointing: bool = Field(
         False,
         description="Recompute every decoder layer's activations in backward instead of keeping "
-        "them: less memory for more compute (TRL-matched online setting, 16 replies of <= 48 "
-        "tokens on SmolLM2-135M: peak -1.4 GB, step +15 %); for long sequences or big models.",
+        "them: less memory for more compute (docs/benchmarks.md has the measured trade-off); for "
+        "long sequences or big models.",
     )
     logit_chunk: int = Field(
         256, ge=1, description="Response positions per log-softmax chunk (bounds memory: one "
@@ -652,10 +651,10 @@ class OnlineConfig(_Strict):
     resume_min_interval_s: float = RunOnly(
         300.0, ge=0.0,
         description="...and at most once per this many seconds of the run (the first one, too, "
-        "only after this long): a resume point writes the weights and optimiser state (≈ 1.6 GB "
-        "for a 135M model, 2-4 s on a laptop-class disk), while a rerun after a crash only "
-        "replays the optimiser steps since the last point from their cached rollouts and targets "
-        "(≈ 1/3 of an iteration's time). 0: every resume_every iterations.",
+        "only after this long): a resume point writes the weights and the optimiser "
+        "state, while a rerun after a crash only replays the optimiser steps since the last point "
+        "from their cached rollouts and targets (docs/benchmarks.md: the costs of both). 0: every "
+        "resume_every iterations.",
     )
     stop_at: float | None = RunOnly(
         None, ge=0.0, le=1.0,
