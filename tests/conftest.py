@@ -16,6 +16,23 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
+# The test tiers, decided here once. `make test-fast` runs neither marker: tiny random models,
+# no real model weights, no servers, no Prefect flow runs, no torchrun — under two minutes.
+# `make test` (CI) runs everything.
+INTEGRATION_MODULES = {
+    "test_concurrency", "test_deployment", "test_distributed", "test_fault_injection",
+    "test_mlflow_ui", "test_pipeline_offline", "test_pipeline_online", "test_retention",
+    "test_runners", "test_vllm_backend", "test_bad_inputs", "test_train_recipes",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if module in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
+
+
 def pytest_configure(config):
     # One Prefect home per test session: no state leaks from or into ~/.prefect.
     import tempfile

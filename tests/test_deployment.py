@@ -38,7 +38,7 @@ def _finished_runs(root: Path) -> list[dict]:
     return [r for r in Catalog(layout).runs() if r["status"] == "completed"]
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(420)
 def test_scheduled_deployment_runs_and_reuses_cached_stages(tiny_model_dir, tmp_path):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"

@@ -66,7 +66,7 @@ def _assert_same_training(a, one, two, label: str) -> None:
     assert worst < 1e-3 * max(1.0, moved) and worst < moved / 20, (worst, moved)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("objective", ["forward_kl_topk", "reverse_kl_sampled"])
 def test_two_gloo_ranks_match_one_process(artifacts, objective):
     one = _one_process(artifacts, objective)
@@ -80,7 +80,7 @@ def test_two_gloo_ranks_match_one_process(artifacts, objective):
     assert not (artifacts["base"] / f"dist-2-{objective}" / "dist_spec.json").exists()
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("objective", ["forward_kl_topk", "reverse_kl_sampled"])
 def test_fsdp_two_gloo_ranks_match_one_process(artifacts, objective):
     one = _one_process(artifacts, objective)
@@ -96,7 +96,7 @@ def test_fsdp_two_gloo_ranks_match_one_process(artifacts, objective):
     assert held["adamw_state"] == [2 * p for p in held["params"]]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(300)
 def test_fsdp_ragged_batches_match_one_process(artifacts):
     """Batches of 5 in micro-batches of 2: one rank gets 3 examples (2 micro-batches), the other
     2 (1) — under FSDP the short rank runs a zero-weight micro-batch so the collectives match."""
@@ -106,7 +106,7 @@ def test_fsdp_ragged_batches_match_one_process(artifacts):
     _assert_same_training(artifacts, one, two, "fsdp ragged")
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(300)
 def test_fsdp_resumes_after_kill(artifacts):
     """SIGKILL a 2-rank FSDP run after its first resume point (gathered full weights + AdamW
     state, written by rank 0), rerun it: it continues from there, every rank loading its shard,

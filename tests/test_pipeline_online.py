@@ -51,7 +51,7 @@ def test_online_flow_iterations_and_pi_logging(tiny_model_dir, tmp_path):
     assert rows[0][0] == 4
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(300)
 def test_online_sigkill_resumes_after_last_completed_iteration(tiny_model_dir, tmp_path):
     from opsd.flows.online import online_flow
 

@@ -268,7 +268,7 @@ def test_failed_inplace_reload_falls_back_to_a_rebuild(engine, smol_path, contex
 
 
 @needs_vllm
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(420)
 def test_online_flow_loads_new_weights_into_running_engines(smol_path, tmp_path):
     """Online mode on vLLM: one rollout and one teacher engine for the whole run; after every
     iteration the new student (a live teacher: the same weights) is loaded into the running
