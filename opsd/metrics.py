@@ -3,9 +3,10 @@
 * ``avg@k``  — mean pass rate over all k samples (expected single-sample accuracy);
 * ``pass@k`` — unbiased estimator of P(at least one of k passes) (Chen et al. 2021),
   computed from n ≥ k samples: ``1 - C(n - c, k) / C(n, k)``;
-* ``maj@k``  — the majority answer is correct: replies are grouped by their
-  extracted final answer (for rule verifiers without an answer, by verdict) and
-  the most frequent group's verdict counts; ties go to the earliest sample.
+* ``maj@k``  — the majority answer is correct: replies are grouped by the final
+  answer their verifier extracts (:func:`opsd.data.verifiers.answer_of`); a rule
+  verifier extracts none, so its replies vote with their verdicts. The most
+  frequent group's verdict counts; ties go to the earliest sample.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def vote(answer: str | None, passed: bool) -> str:
+    """A reply's ballot in maj@k: its extracted answer, or its verdict when there is none."""
+    return f"answer:{answer}" if answer is not None else f"verdict:{bool(passed)}"
 
 
 def majority_passed(answers: Sequence[str], passed: Sequence[bool]) -> bool:

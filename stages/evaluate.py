@@ -21,8 +21,8 @@ from opsd.config import EvalConfig, RolloutConfig
 from opsd.context.render import build_context, student_ids, student_turn_ids, teacher_ids
 from opsd.data import verify
 from opsd.data.rows import Row
-from opsd.data.verifiers import final_answer, normalize
-from opsd.metrics import macro, majority_passed, pass_at_k
+from opsd.data.verifiers import answer_of
+from opsd.metrics import macro, majority_passed, pass_at_k, vote
 from opsd.pool import Policy
 from opsd.stages.common import StageContext
 from opsd.storage.parquet import EVAL_SAMPLES, shard_name, write_table_atomic
@@ -92,7 +92,7 @@ def run(
         cols["reward"].append(v.reward)
         cols["n_tokens"].append(len(g.response_ids))
         if not is_greedy:
-            per_row[row.id].append((normalize(final_answer(text)), v.passed))
+            per_row[row.id].append((vote(answer_of(row.verifier, text), v.passed), v.passed))
     write_table_atomic(pa.Table.from_pydict(cols, schema=EVAL_SAMPLES), ctx.out_dir / shard_name(0))
     metrics = metrics_of(rows, cols, per_row, cfg.samples)
     metrics.update({"label": label, "rows": len(rows), "seconds": seconds})

@@ -167,3 +167,17 @@ def _verify_reasoning_gym(spec: ReasoningGymVerifier, reply: str) -> Verdict:
     if score >= 1.0:
         return Verdict(True, score, "The answer is correct.")
     return Verdict(False, score, f"The answer {answer!r} is not correct (score {score:.2f}).")
+
+
+# --- what a majority vote compares ------------------------------------------------------------------
+
+
+def answer_of(spec: VerifierSpec, reply: str) -> str | None:
+    """The final answer a verifier checks, normalised (``None`` for a rule verifier, which
+    checks the whole reply: its replies have no answer to agree on). Used by maj@k."""
+    if isinstance(spec, RegexVerifier):
+        return None
+    if isinstance(spec, ReasoningGymVerifier):
+        tagged = _ANSWER_TAG.findall(reply)
+        return normalize(tagged[-1] if tagged else final_answer(reply))
+    return normalize(final_answer(reply))
