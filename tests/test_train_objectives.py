@@ -7,6 +7,7 @@ trains two optimiser steps on the same artifacts.
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -170,3 +171,25 @@ def test_attention_kernel_auto_switches_by_length_and_restores(tiny_model_dir):
     assert seen == ["eager", "sdpa", "sdpa"]
     assert model.config._attn_implementation == "sdpa"  # restored
     torch.testing.assert_close(outs["short"], outs["long"], atol=1e-5, rtol=1e-4)  # same math
+
+
+def test_online_steps_load_examples_with_the_runs_config(artifacts):
+    """Online iterations train on examples loaded with the run's train config (audit: the
+    online loop loaded them without it, so scope_tau / advantage_eps fell back to defaults).
+    Two SCOPE temperatures give different per-sample weights, hence different first steps."""
+    from opsd.training.trainer import Trainer
+
+    losses = []
+    for tau in (0.05, 20.0):
+        cfg = TrainConfig.model_validate({
+            "objective": "forward_kl_topk", "batch_size": 12, "micro_batch_size": 12,
+            "lr": 1e-3, "logit_chunk": 16, "autocast": "none",
+            "rewards": {"routing": "scope", "rl_weight": 1.0, "scope_tau": tau}})
+        model = copy.deepcopy(artifacts["pool"].master(artifacts["policy"]))
+        pad = artifacts["pool"].tokenizer(artifacts["policy"]).pad_token_id
+        trainer = Trainer(model, cfg, pad, total_steps=1)
+        stats = train_stage.online_steps(trainer, cfg, artifacts["rollouts"], artifacts["targets"],
+                                         iteration=0, steps=1)
+        assert len(stats) == 1 and stats[0]["iteration"] == 0
+        losses.append(stats[0]["loss"])
+    assert losses[0] != pytest.approx(losses[1], rel=1e-6)
