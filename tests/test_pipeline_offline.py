@@ -114,6 +114,32 @@ def test_mlflow_parent_and_nested_stage_runs(pipeline_run):
     assert pipe.model.config.num_hidden_layers == 2
 
 
+def test_mlflow_eval_samples_table_holds_every_verdict(pipeline_run):
+    """Each evaluation's MLflow run carries its per-sample table (greedy + k sampled replies of
+    every eval row, with the verdict), the same rows as its eval_samples Parquet."""
+    from mlflow.tracking import MlflowClient
+
+    from opsd.storage.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(Layout.at(pipeline_run["root"]).mlflow_db))
+    exp = client.get_experiment_by_name("opsd")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    n_eval, samples = 4, pipeline_run["cfg"]["eval"]["samples"]
+    for label in ("evaluate/before", "evaluate/teacher", "evaluate/after"):
+        run_id = runs[label].info.run_id
+        table = json.loads(Path(client.download_artifacts(run_id, "eval_samples.json")).read_text())
+        cols = table["columns"]
+        assert {"row_id", "task", "greedy", "passed", "finish_reason", "text"} <= set(cols)
+        data = [dict(zip(cols, row)) for row in table["data"]]
+        assert len(data) == n_eval * (1 + samples)
+        assert sum(d["greedy"] for d in data) == n_eval
+        assert all(isinstance(d["passed"], bool) for d in data)
+        art = Path(runs[label].data.tags["opsd.artifact_path"])
+        parquet = pq.read_table(art / "part-00000.parquet").to_pydict()
+        assert sorted(zip(parquet["row_id"], parquet["passed"])) == sorted(
+            (d["row_id"], d["passed"]) for d in data)
+
+
 def test_rerun_reuses_every_stage(pipeline_run):
     from opsd.flows.offline import offline_flow
 

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -114,3 +115,58 @@ def test_online_stop_at_ends_at_the_first_evaluation_reaching_it(tiny_model_dir,
     curve = json.loads((Layout.at(tmp_path / "home").run_dir(cat.runs()[-1]["run_id"])
                         / "curve.json").read_text())
     assert curve[-1]["iteration"] == 1
+
+
+def _perturbed_copy(model_dir: Path, dest: Path) -> Path:
+    """Another model with the same tokenizer (an external teacher): the tiny model, weights moved."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(dest, safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(dest)
+    return dest
+
+
+@pytest.mark.parametrize("kind", ["live-jsd", "ema", "external"])
+def test_online_teacher_kinds_end_to_end(kind, tiny_model_dir, tmp_path):
+    """Every teacher kind through a real online flow: who scores each iteration (the teacher
+    stage's teacher key) follows the kind, and OPSD as published — a live teacher (the current
+    student with its privileged context) and a full-vocabulary divergence — trains online."""
+    from opsd.flows.online import online_flow
+    from opsd.pool import base_policy
+
+    data = write_dataset(tmp_path / "data.jsonl")
+    over = {"live-jsd": dict(teacher={"topk": 4, "kind": "live"},
+                             train={"objective": "jsd", "divergence": {"jsd_beta": 0.5}}),
+            "ema": dict(teacher={"topk": 4, "kind": "ema", "ema_rate": 0.5}),
+            "external": dict(teacher={"topk": 4, "kind": "external", "model": {
+                "name": str(_perturbed_copy(tiny_model_dir, tmp_path / "teacher-model"))}})}[kind]
+    cfg = online_config(tiny_model_dir, data, iterations=3, **over)
+    cfg["online"]["eval_every"] = 0
+    metrics = online_flow(config=cfg, root=str(tmp_path / "home"), show_progress=False)
+    assert "eval.after.greedy" in metrics
+    cat = _cat(tmp_path / "home")
+    run = cat.runs()[-1]
+    assert run["status"] == "completed"
+    man = {}
+    for label in [f"{s}/{i:03d}" for i in range(3) for s in ("teacher", "train")]:
+        key = next(s["key"] for s in cat.stages(run["run_id"]) if s["label"] == label)
+        man[label] = cat.artifact(key)["manifest"]
+    base_key = base_policy(Path(tiny_model_dir)).key
+    for i in range(3):
+        teacher_key = man[f"teacher/{i:03d}"]["inputs"]["teacher"]
+        student_key = man[f"train/{i:03d}"]["inputs"]["init"]  # the student that sampled iteration i
+        if kind == "live-jsd":
+            assert teacher_key == student_key
+            assert man[f"train/{i:03d}"]["live_teacher"] is True
+        elif kind == "ema":
+            assert teacher_key == f"ema0.5-{student_key}"
+        else:
+            external = base_policy(tmp_path / "teacher-model").key
+            assert teacher_key == external != base_key
+    assert man["train/000"]["inputs"]["init"] == base_key
+    assert np.isfinite(man["train/002"]["final_loss"])
