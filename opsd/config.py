@@ -18,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from opsd import teachers as teacher_kinds
+from opsd.context import consensus as consensus_rules
+from opsd.device import DEVICE_PATTERN, auto_dtype, resolve_device
 from opsd.objectives import registry as objective_registry
 
 
@@ -142,11 +144,16 @@ class ContextConfig(_Strict):
         "A correct reply to the next question:\n{sibling}", description="Template (sibling_as=text)."
     )
     exposure: ExposureConfig = Field(default_factory=ExposureConfig)
-    consensus: Literal["none", "mean_logprob", "mean_prob"] = Field(
+    consensus: Literal[consensus_rules.MODES] = Field(  # type: ignore[valid-type]
         "none",
-        description="Multi-view (AVSD-style): score the response under each view in "
-        "`consensus_views` separately and combine the teacher distributions: mean_logprob = "
-        "normalised geometric mean, mean_prob = mixture.",
+        description="Multi-view teacher: score the response under each view set in "
+        "`consensus_views` separately and combine the distributions (opsd.context.consensus): "
+        "mean_logprob = normalised geometric mean, mean_prob = mixture, gated_residual = AVSD's "
+        "consensus plus the first view set's residual, gated by the views' agreement.",
+    )
+    consensus_tau: float = Field(
+        1.0, gt=0.0, le=100.0, description="gated_residual: gate temperature tau in nats "
+        "(g = exp(-D/tau), D = the views' mean KL from their consensus).",
     )
     consensus_views: list[list[str]] = Field(
         default_factory=list, description="The view sets scored separately for consensus."
@@ -265,8 +272,10 @@ class RolloutConfig(_Strict):
         256, ge=1, description="Prompts per stored shard; a killed stage resumes per shard."
     )
     seed: int = Field(0, description="Sampling seed; with the same seed a rerun is identical.")
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "bfloat16", description="Compute dtype for generation (weights copied once)."
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Compute dtype for generation (weights copied once). auto: the fast "
+        "dtype of the run's device (opsd.device: bf16 on CUDA and on CPUs with AMX, fp32 on CPUs "
+        "without); the resolved dtype is what enters content keys."
     )
     guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
     sample_from: Literal["student", "teacher"] = Field(
@@ -303,7 +312,8 @@ class TeacherConfig(_Strict):
     topk: int = Field(20, ge=1, le=1024, description="Teacher top-k stored per response token.")
     batch_size: int = RunOnly(32, ge=1, description="Sequences scored together.")
     shard_size: int = RunOnly(512, ge=1, description="Samples per stored shard.")
-    dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="Scoring dtype.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Scoring dtype (auto: as rollout.dtype).")
     share_prefix: bool = Field(
         True,
         description="Encode a privileged prefix shared by many rows once and reuse its "
@@ -517,8 +527,10 @@ class TrainConfig(_Strict):
         None, gt=1.0, description="reverse_kl_sampled and reward terms: weight tokens by "
         "pi_S/pi_behaviour clipped to [1/c, c]; None disables.",
     )
-    autocast: Literal["bfloat16", "none"] = Field(
-        "bfloat16", description="Mixed precision for forward/backward; master weights stay fp32."
+    autocast: Literal["auto", "bfloat16", "none"] = Field(
+        "auto", description="Mixed precision for forward/backward; master weights and AdamW state "
+        "stay fp32. auto: bfloat16 where bf16 is the device's fast dtype (CUDA, CPUs with AMX), "
+        "none (pure fp32) elsewhere; resolved before it enters content keys."
     )
     attention: Literal["auto", "sdpa", "eager"] = Field(
         "auto",
@@ -540,11 +552,18 @@ class TrainConfig(_Strict):
         "it computes fewer positions and the attention kernel is sdpa or eager. Same loss up to "
         "rounding.",
     )
-    activation_checkpointing: bool = Field(
-        False,
+    activation_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
         description="Recompute every decoder layer's activations in backward instead of keeping "
         "them: less memory for more compute (docs/benchmarks.md has the measured trade-off); for "
-        "long sequences or big models.",
+        "long sequences or big models. auto: off on CPU; on CUDA, on for a micro-batch only when "
+        "its estimated activations would not fit the device's free memory (opsd.training.memory). "
+        "Same loss either way.",
+    )
+    compile: bool = RunOnly(
+        False,
+        description="torch.compile every decoder layer (dynamic shapes) before training. Off by "
+        "default: not measured to pay yet (docs/benchmarks.md); the first steps pay the compilation.",
     )
     logit_chunk: int = Field(
         256, ge=1, description="Response positions per log-softmax chunk (bounds memory: one "
@@ -571,8 +590,20 @@ class TrainConfig(_Strict):
         "Ignored when world_size is 1.",
     )
     dist_backend: Literal["auto", "gloo", "nccl"] = RunOnly(
-        "auto", description="torch.distributed backend when world_size > 1 (auto: nccl with CUDA, "
-        "else gloo)."
+        "auto", description="torch.distributed backend when world_size > 1 (auto: nccl when the "
+        "run's device is CUDA, else gloo)."
+    )
+    nnodes: int = RunOnly(
+        1, ge=1, le=4096,
+        description="Machines taking part in offline training, each running world_size ranks "
+        "(multi-node torchrun with c10d rendezvous at rdzv_endpoint). This machine launches its "
+        "ranks; every other node runs `python -m opsd.stages.train_worker --node SPEC` on the "
+        "spec the train stage writes (the OPSD home must be on a file system all nodes share).",
+    )
+    rdzv_endpoint: str | None = RunOnly(
+        None,
+        description="host:port of the c10d rendezvous for nnodes > 1 (a port open to every node "
+        "on one of them, usually this machine).",
     )
 
     @property
@@ -615,7 +646,8 @@ class EvalConfig(_Strict):
         True, description="Also evaluate the teacher with its privileged context."
     )
     seed: int = Field(1234, description="Seed of sampled eval.")
-    dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="Generation dtype.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Generation dtype (auto: as rollout.dtype).")
 
 
 class RetentionConfig(_Strict):
@@ -629,7 +661,8 @@ class RetentionConfig(_Strict):
     prompts: int = Field(32, ge=1, le=32, description="How many of the 32 built-in prompts to use.")
     max_new_tokens: int = Field(48, ge=1, le=4096, description="Length cap of the greedy replies.")
     batch_size: int = RunOnly(32, ge=1, description="Sequences generated/scored together.")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Generation/scoring dtype.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "float32", description="Generation/scoring dtype (auto: the device's fast dtype).")
 
 
 class OnlineConfig(_Strict):
@@ -732,6 +765,25 @@ class PipelineConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    device: str = RunOnly(
+        "auto",
+        description="Where every stage loads and runs its models: auto (the first CUDA device "
+        "when there is one, else the CPU), cpu, cuda, or cuda:N. Not part of any content key: "
+        "outputs of different devices agree up to a tolerance, not bitwise. Training ranks "
+        "(train.world_size > 1) on CUDA use one device each (cuda:LOCAL_RANK).",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device_ok(cls, v: str) -> str:
+        if not DEVICE_PATTERN.match(v.strip()):
+            raise ValueError(f"device {v!r}: use auto, cpu, cuda or cuda:N")
+        return v.strip()
+
+    def resolved(self) -> tuple["PipelineConfig", list[str]]:
+        """This config with its device-dependent ``auto`` values decided for this machine, and
+        one line per decision saying why (:func:`resolve_for_device`)."""
+        return resolve_for_device(self)
 
     @field_validator("name")
     @classmethod
@@ -761,6 +813,13 @@ class PipelineConfig(_Strict):
                                  "one resident model (set train.world_size: 1)")
             if self.train.trace.enabled:
                 raise ValueError("train.trace with train.world_size > 1 is not supported yet")
+        if self.train.nnodes > 1:
+            if self.mode == "online":
+                raise ValueError("train.nnodes > 1 is for offline training (online mode keeps one "
+                                 "resident model)")
+            if not self.train.rdzv_endpoint:
+                raise ValueError("train.nnodes > 1 needs train.rdzv_endpoint (host:port of the c10d "
+                                 "rendezvous, reachable from every node)")
         if self.rollout.guidance.enabled and self.rollout.backend != "hf":
             raise ValueError("rollout.guidance needs rollout.backend=hf (lockstep decoding)")
         kind = teacher_kinds.get(self.teacher.kind)
@@ -903,3 +962,31 @@ def describe_fields(model: type[BaseModel] = PipelineConfig, prefix: str = "") -
         default = field.get_default(call_default_factory=True)
         rows.append((key, getattr(ann, "__name__", str(ann)), default, field.description or ""))
     return rows
+
+
+# --------------------------------------------------------------------------- device decisions
+
+DTYPE_FIELDS = (("rollout", "dtype"), ("teacher", "dtype"), ("eval", "dtype"), ("retention", "dtype"))
+
+
+def resolve_for_device(cfg: PipelineConfig) -> tuple[PipelineConfig, list[str]]:
+    """Decide ``device`` and every ``auto`` dtype for this machine (opsd.device).
+
+    The resolved values are what the stages run with *and* what enters their content keys, so
+    rollouts sampled in bf16 and in fp32 never share a key; ``device`` itself is run-only.
+    ``train.activation_checkpointing: auto`` stays as is: the trainer decides it per micro-batch
+    from the device's free memory. Returns (resolved copy, one line per decision)."""
+    device = resolve_device(cfg.device)
+    fast = auto_dtype(device)
+    notes = [f"device {cfg.device} -> {device}"]
+    update: dict[str, Any] = {"device": str(device)}
+    for section, name in DTYPE_FIELDS:
+        sec = getattr(cfg, section)
+        if getattr(sec, name) == "auto":
+            update[section] = sec.model_copy(update={name: fast.dtype})
+            notes.append(f"{section}.{name} auto -> {fast.dtype} ({fast.reason})")
+    if cfg.train.autocast == "auto":
+        value = "bfloat16" if fast.dtype == "bfloat16" else "none"
+        update["train"] = cfg.train.model_copy(update={"autocast": value})
+        notes.append(f"train.autocast auto -> {value} ({fast.reason})")
+    return cfg.model_copy(update=update), notes

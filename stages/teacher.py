@@ -83,6 +83,7 @@ class TeacherShard:
     views: list[str]
     rollout_key: str
     out_path: Path
+    device: str = "cpu"  # the run's device: a worker loads the teacher there
 
 
 def write_shard(job: TeacherShard, scorer, progress=None) -> dict:
@@ -90,6 +91,7 @@ def write_shard(job: TeacherShard, scorer, progress=None) -> dict:
     cfg, responses = job.cfg, job.responses
     if cfg.context.consensus != "none":
         targets = scorer.score_views(job.contexts, responses, cfg.topk, cfg.context.consensus,
+                                     tau=cfg.context.consensus_tau,
                                      progress=None)
         if progress:
             progress(len(responses))
@@ -119,8 +121,9 @@ def write_shard(job: TeacherShard, scorer, progress=None) -> dict:
 def run_shard(job: TeacherShard) -> dict:
     """:func:`write_shard` in a worker process: the teacher comes from the worker's own pool;
     the scorer's counters of this shard are returned with the result."""
-    scorer = make_scorer(job.cfg, worker_pool(), job.teacher)
-    free_masters(worker_pool())
+    pool = worker_pool(job.device)
+    scorer = make_scorer(job.cfg, pool, job.teacher)
+    free_masters(pool)
     out = write_shard(job, scorer)
     out["scorer"] = dict(getattr(scorer, "stats", {}))
     return out
@@ -168,7 +171,7 @@ def run(
         jobs.append(TeacherShard(
             cfg, teacher, shard, data["sample_id"][lo:hi], data["row_id"][lo:hi],
             [pv[0][lo:hi] for pv in per_view], data["response_ids"][lo:hi], views[lo:hi],
-            rollouts.key, ctx.out_dir / shard_name(shard)))
+            rollouts.key, ctx.out_dir / shard_name(shard), str(ctx.pool.device)))
     names = [f"teacher shard {j.shard + 1}/{n_shards}" for j in jobs]
     t0 = time.perf_counter()
     bar = ctx.progress(n, f"teacher ({teacher.label or 'teacher'})", "sample")

@@ -164,3 +164,32 @@ def test_consensus_scoring_combines_views(tiny_model_dir):
     m = sc.score_views([[ctxs[0]], [ctxs[1]]], resp, 5, "mean_prob")[0]
     mix = torch.logsumexp(torch.stack([a.sampled_logprob_R, b.sampled_logprob_R]), 0) - torch.log(torch.tensor(2.0))
     torch.testing.assert_close(m.sampled_logprob_R, mix, atol=1e-4, rtol=0)
+
+
+def test_gated_residual_consensus_matches_its_formula_position_by_position():
+    """AVSD-style target t = log_softmax(c + g (l_1 - c)), c the normalised geometric mean of the
+    views, g = exp(-mean_v KL(p_v || p_c) / tau): checked against a loop over positions; it is the
+    primary view where the views agree exactly and moves to the consensus as they disagree."""
+    import math
+
+    import torch
+
+    from opsd.context.consensus import combine
+
+    torch.manual_seed(0)
+    views_VCV = torch.randn(3, 5, 11).log_softmax(-1)
+    tau = 0.7
+    got = combine(views_VCV, "gated_residual", tau)
+    for c in range(5):
+        ls = [views_VCV[v, c] for v in range(3)]
+        cons = (sum(ls) / 3).log_softmax(-1)
+        kls = [float((l.exp() * (l - cons)).sum()) for l in ls]
+        g = math.exp(-(sum(kls) / 3) / tau)
+        want = (cons + g * (ls[0] - cons)).log_softmax(-1)
+        torch.testing.assert_close(got[c], want, atol=1e-5, rtol=0)
+    same = views_VCV[:1].expand(3, -1, -1)
+    torch.testing.assert_close(combine(same, "gated_residual", tau), views_VCV[0], atol=1e-5, rtol=0)
+    far = torch.stack([views_VCV[0], (views_VCV[1] * 40).log_softmax(-1), (views_VCV[2] * 40).log_softmax(-1)])
+    c_far = combine(far, "mean_logprob")
+    t_far = combine(far, "gated_residual", 0.01)  # views far apart: the gate closes
+    torch.testing.assert_close(t_far, c_far, atol=1e-3, rtol=0)

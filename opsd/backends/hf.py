@@ -12,18 +12,26 @@ log-probs never leave this module. Rows that share a long context prefix (the
 same demonstrations for every question of a rule) encode that prefix once and
 reuse its KV cache, and the samples of one question share one encoding of the
 rest of their context (packed rows, :mod:`opsd.packing`).
+
+Devices: everything runs where the model's weights are (the pool put them on the run's
+device). Inputs are built on the host and moved once per forward; sampling draws its uniforms
+from a host generator (the same stream on every device, so a seed means the same draws) and
+a decode step moves one small ``[4, B]`` block back to the host, its only synchronisation.
+The KV cache is allocated once per batch for prompt + reply (:mod:`opsd.backends.kvcache`)
+and written in place on any device. Results (token ids, log-probs, targets) come back on the
+host.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
+from opsd.context import consensus
 from opsd.backends.kvcache import make_cache
 from opsd.backends.prepack import pack_linears
 from opsd.packing import allowed, kernel_mask, pack, supports_packing
@@ -123,6 +131,10 @@ def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     return max(k, 0)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 class _Decoder:
     """KV-cached incremental decoding of a left-padded batch, with row compaction."""
 
@@ -131,6 +143,7 @@ class _Decoder:
         self.pad_id = pad_id
         self.cache_kw = _cache_kwarg(model)
         self.cache = None
+        self.device = model_device(model)
 
     def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                 min_shared: int = 32) -> torch.Tensor:
@@ -147,7 +160,7 @@ class _Decoder:
         if len(first) == len(prompts):
             return self._prefill(prompts, max_new_tokens, min_shared)
         logits_UV = self._prefill([list(p) for p in first], max_new_tokens, min_shared)
-        idx = torch.tensor(rows, dtype=torch.long)
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.keep(idx)  # gathers with repeats: row b of the cache = its prompt's encoding
         return logits_UV[idx]
 
@@ -159,20 +172,22 @@ class _Decoder:
         rests = [p[shared:] for p in prompts]
         L = max(len(r) for r in rests)
         self.cache = make_cache(shared + L + max_new_tokens)
-        prefix_mask = torch.ones((B, shared), dtype=torch.long)
+        dev = self.device
+        prefix_mask = torch.ones((B, shared), dtype=torch.long, device=dev)
         if shared:
             self.mask_BL = prefix_mask[:1]
-            self._forward(torch.tensor([list(prompts[0][:shared])]), torch.arange(shared)[None])
+            self._forward(torch.tensor([list(prompts[0][:shared])], device=dev),
+                          torch.arange(shared, device=dev)[None])
             self.cache.batch_repeat_interleave(B)
         ids_BL = torch.full((B, L), self.pad_id, dtype=torch.long)
         rest_mask_BL = torch.zeros((B, L), dtype=torch.long)
         for b, r in enumerate(rests):  # left padding: every row's next token is at column L
             ids_BL[b, L - len(r) :] = torch.tensor(r, dtype=torch.long)
             rest_mask_BL[b, L - len(r) :] = 1
-        self.mask_BL = torch.cat([prefix_mask, rest_mask_BL], dim=1)
+        self.mask_BL = torch.cat([prefix_mask, rest_mask_BL.to(dev)], dim=1)
         pos_BL = (self.mask_BL.cumsum(-1) - 1).clamp_min(0)[:, shared:]
         self.next_pos_B = pos_BL[:, -1] + 1
-        return self._forward(ids_BL, pos_BL)
+        return self._forward(ids_BL.to(dev), pos_BL)
 
     def advance(self, next_B: torch.Tensor) -> torch.Tensor:
         self.mask_BL = torch.cat([self.mask_BL, torch.ones_like(next_B)[:, None]], dim=1)
@@ -206,7 +221,9 @@ def _sample(logits_BV: torch.Tensor, params: SamplingParams, gen: torch.Generato
         return logp_BV.argmax(-1), logp_BV
     logp_BV = _filter_top_p(logits_BV / params.temperature, params.top_p).log_softmax(-1)
     cdf_BV = logp_BV.exp().cumsum(-1)
-    u_B1 = torch.rand((logp_BV.shape[0], 1), generator=gen, dtype=cdf_BV.dtype) * cdf_BV[:, -1:]
+    # the uniforms come from the host generator on every device: one seed, one stream
+    u_B1 = torch.rand((logp_BV.shape[0], 1), generator=gen, dtype=cdf_BV.dtype)
+    u_B1 = u_B1.to(cdf_BV.device) * cdf_BV[:, -1:]
     next_B = torch.searchsorted(cdf_BV, u_B1).squeeze(-1).clamp_max(logp_BV.shape[-1] - 1)
     return next_B, logp_BV
 
@@ -245,21 +262,23 @@ class HFGenerator:
         student = _Decoder(self.model, self.pad_id)
         logits_BV = student.prefill([prompts[p] for p, _ in index], params.max_new_tokens)
         teacher = None
+        dev = student.device
         if guidance is not None:
             teacher = _Decoder(guidance.model, self.pad_id)
             t_logits_BV = teacher.prefill([guidance.contexts[p] for p, _ in index], params.max_new_tokens)
-            n_guided_B = torch.zeros(B, dtype=torch.long)
-        stop = torch.tensor(self.stop_ids, dtype=torch.long)
-        live_B = torch.arange(B)  # original row of each live row
+            n_guided_B = torch.zeros(B, dtype=torch.long, device=dev)
+        stop = torch.tensor(self.stop_ids, dtype=torch.long, device=dev)
+        live_B = torch.arange(B, device=dev)  # original row of each live row
         toks: list[list[int]] = [[] for _ in range(B)]
         lps: list[list[float]] = [[] for _ in range(B)]
         guided: list[list[int]] = [[] for _ in range(B)]
         reason = ["length"] * B
         stop_set = set(self.stop_ids)
         finished = [False] * B  # per live row: already ended (kept until the next compaction)
-        done_B = torch.zeros(B, dtype=torch.bool)
+        done_B = torch.zeros(B, dtype=torch.bool, device=dev)
         for t in range(params.max_new_tokens):
             next_B, logp_BV = _sample(logits_BV, params, gen)
+            fix_B = torch.zeros_like(done_B)
             if teacher is not None:
                 t_logp_BV = t_logits_BV.log_softmax(-1)
                 gap_B = t_logp_BV.gather(-1, next_B[:, None]).squeeze(-1) - logp_BV.gather(
@@ -267,30 +286,37 @@ class HFGenerator:
                 t_best_B, t_arg_B = t_logp_BV.max(-1)
                 fix_B = (gap_B < -guidance.threshold) & (t_best_B.exp() >= guidance.min_teacher_prob)
                 fix_B &= (n_guided_B[live_B] < guidance.max_per_sample) & ~done_B
-                if bool(fix_B.any()):
-                    next_B = torch.where(fix_B, t_arg_B, next_B)
-                    n_guided_B[live_B[fix_B]] += 1
-                    for r in live_B[fix_B].tolist():
-                        guided[r].append(t)
+                # no host round trip to ask whether any row is fixed: rows not fixed keep theirs
+                next_B = torch.where(fix_B, t_arg_B, next_B)
+                n_guided_B.index_add_(0, live_B, fix_B.long())
             lp_B = logp_BV.gather(-1, next_B[:, None]).squeeze(-1)
             done_B = done_B | torch.isin(next_B, stop)
-            for r, tok, lp, was in zip(live_B.tolist(), next_B.tolist(), lp_B.tolist(), finished):
+            # the step's one device -> host transfer (ids < 2**53 and float32 values are exact
+            # in float64)
+            host = torch.stack([live_B.double(), next_B.double(), lp_B.double(), fix_B.double(),
+                                done_B.double()]).tolist()
+            for r, tok, lp, fixed, was in zip(map(int, host[0]), map(int, host[1]), host[2],
+                                              host[3], finished):
+                if fixed:
+                    guided[r].append(t)
                 if not was:
                     toks[r].append(tok)
                     lps[r].append(lp)
                     if tok in stop_set:
                         reason[r] = "stop"  # the end token is kept: its probability is learned too
-            if bool(done_B.all()) or t == params.max_new_tokens - 1:
+            n_done = int(sum(host[4]))
+            if n_done == len(host[4]) or t == params.max_new_tokens - 1:
                 break
+            finished = [bool(d) for d in host[4]]
             # Compact only when a good share of rows finished: each compaction re-indexes
             # every layer's cache, which costs more than a few idle rows.
-            if int(done_B.sum()) * 8 >= len(done_B):
+            if n_done * 8 >= len(finished):
                 keep = (~done_B).nonzero().squeeze(-1)
                 live_B, next_B, done_B = live_B[keep], next_B[keep], done_B[keep]
                 student.keep(keep)
                 if teacher is not None:
                     teacher.keep(keep)
-            finished = done_B.tolist()
+                finished = [False] * len(keep)
             next_B = torch.where(done_B, torch.full_like(next_B, self.pad_id), next_B)
             logits_BV = student.advance(next_B)
             if teacher is not None:
@@ -305,8 +331,15 @@ class HFScorer:
     """Teacher log-probs over given response ids, with shared-prefix KV reuse."""
 
     def __init__(self, model, *, batch_size: int = 32, share_prefix: bool = True,
-                 min_shared_prefix: int = 32, logit_chunk: int = 64, pack: bool | None = None):
+                 min_shared_prefix: int = 32, logit_chunk: int | None = None,
+                 pack: bool | None = None):
         self.model = model
+        self.device = model_device(model)
+        # rows of LM head + log-softmax per call: small on a CPU (the [C, V] block stays in
+        # cache), large on an accelerator (fewer, fuller kernels); rows are independent, so the
+        # targets do not depend on it
+        if logit_chunk is None:
+            logit_chunk = 64 if self.device.type == "cpu" else 512
         # the samples of a question also share their whole context (packed rows: needs a
         # kernel that takes a custom mask, eager or SDPA); by default with share_prefix
         self.pack = (share_prefix if pack is None else pack) and supports_packing(model)
@@ -340,15 +373,13 @@ class HFScorer:
         topk: int,
         mode: str,
         progress: ProgressFn | None = None,
+        tau: float = 1.0,
     ) -> list[TokenTargets]:
-        """Consensus targets: the response scored under several contexts, distributions combined.
-
-        ``mean_logprob``: normalised geometric mean (product of experts);
-        ``mean_prob``: the mixture of the views' distributions.
-        """
+        """Consensus targets: the response scored under several contexts, the distributions
+        combined by ``mode`` (:mod:`opsd.context.consensus`; ``tau``: gated_residual's gate)."""
         hidden = [self._hidden(ctxs, responses, progress) for ctxs in contexts_by_view]
         return [self._targets([hv[i] for hv in hidden], torch.tensor(list(r), dtype=torch.long),
-                              topk, mode) for i, r in enumerate(responses)]
+                              topk, mode, tau) for i, r in enumerate(responses)]
 
     def _hidden(self, contexts, responses, progress) -> list[torch.Tensor]:
         """Final hidden states at the positions that predict each response token.
@@ -385,7 +416,7 @@ class HFScorer:
         if prefix not in cache_store:
             if len(cache_store) > 8:  # bounded: batches are grouped by context
                 cache_store.clear()
-            ids = torch.tensor([prefix], dtype=torch.long)
+            ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
             o = self.decoder(input_ids=ids, use_cache=True)
             cache_store[prefix] = _out_cache(o)
             self.stats["tokens_computed"] += len(prefix)
@@ -417,7 +448,9 @@ class HFScorer:
             cache = copy.deepcopy(self._prefix(tuple(seqs[0][:shared]), cache_store))
             cache.batch_repeat_interleave(Bp)
             kwargs[self._cache_kw] = cache
-        hidden_BLH = self.decoder(input_ids=ids_BL, use_cache=bool(shared), **kwargs).last_hidden_state
+        kwargs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        hidden_BLH = self.decoder(input_ids=ids_BL.to(self.device), use_cache=bool(shared),
+                                  **kwargs).last_hidden_state
         self.stats["tokens_computed"] += Bp * L
         real = sum(len(s) for s in suffixes) if packed is None else int((packed.segment_BL >= 0).sum())
         self.stats["padding_tokens"] += Bp * L - real
@@ -427,24 +460,22 @@ class HFScorer:
             r = n_resp[b]
             if packed is not None:
                 row, cols = packed.predicting(b, r)
-                out.append(hidden_BLH[row, torch.from_numpy(cols)].clone())
+                out.append(hidden_BLH[row, torch.from_numpy(cols).to(self.device)].clone())
                 continue
             end = len(suffixes[b])  # position of the last real token + 1 (in suffix coords)
             # the output at position t predicts token t+1: response tokens are the last r tokens.
             out.append(hidden_BLH[b, end - r - 1 : end - 1].clone())
         return out
 
-    def _targets(self, hs: list[torch.Tensor], y_R: torch.Tensor, topk: int, mode: str) -> TokenTargets:
+    def _targets(self, hs: list[torch.Tensor], y_R: torch.Tensor, topk: int, mode: str,
+                 tau: float = 1.0) -> TokenTargets:
+        """Per response token: sampled log-prob, top-k ids/log-probs, tail mass (on the host)."""
+        y_R = y_R.to(self.device)
         parts = []
         for s in range(0, y_R.shape[0], self.logit_chunk):
             sl = slice(s, s + self.logit_chunk)
             views_VCV = torch.stack([self.lm_head(h[sl]).float().log_softmax(-1) for h in hs])
-            if len(hs) == 1 or mode == "none":
-                logp_CV = views_VCV[0]
-            elif mode == "mean_logprob":
-                logp_CV = views_VCV.mean(0).log_softmax(-1)
-            else:  # mean_prob
-                logp_CV = torch.logsumexp(views_VCV, 0) - math.log(len(hs))
+            logp_CV = consensus.combine(views_VCV, mode, tau)
             sampled_C = logp_CV.gather(-1, y_R[sl, None]).squeeze(-1)
             vals_CK, ids_CK = logp_CV.topk(topk, dim=-1)
             tail_C = (1.0 - vals_CK.exp().sum(-1)).clamp_min(0.0)
@@ -452,7 +483,7 @@ class HFScorer:
         if not parts:
             z = torch.zeros(0)
             return TokenTargets(z, torch.zeros((0, topk), dtype=torch.int32), torch.zeros((0, topk)), z)
-        return TokenTargets(*(torch.cat(x) for x in zip(*parts)))
+        return TokenTargets(*(torch.cat(x).cpu() for x in zip(*parts)))
 
 
 def sequence_logprobs(model, contexts, responses, *, batch_size: int = 16) -> list[torch.Tensor]:
@@ -499,4 +530,5 @@ __all__ = [
     "sequence_logprobs",
     "cast_for_inference",
     "stop_token_ids",
+    "model_device",
 ]
