@@ -30,6 +30,7 @@ import torch
 from opsd.backends.hf import HFGenerator, HFScorer
 from opsd.backends.prepack import refresh_from, release_packed
 from opsd.config import PipelineConfig
+from opsd.context.exposure import exposure_ratio
 from opsd.data.rows import Row
 from opsd.flows.runner import Pipeline, config_for_key
 from opsd.pool import Policy
@@ -196,26 +197,10 @@ class OnlineLoop:
 
     def exposure(self, iteration: int) -> float | None:
         """Solution reveal ratio for this iteration's teacher pass (None: the fixed config value)."""
-        ex = self.cfg.teacher.context.exposure
-        if ex.mode == "fixed":
-            return None
-        if ex.mode == "linear":
-            n = max(1, self.cfg.online.iterations - 1)
-            return ex.start + (ex.end - ex.start) * min(1.0, iteration / n)
-        return self._adaptive_ratio(iteration)
-
-    def _adaptive_ratio(self, iteration: int) -> float:
-        # Replayed from the cached rollouts' pass rates, so a resumed run computes the
-        # same ratios without extra state.
-        ex = self.cfg.teacher.context.exposure
-        ratio = ex.ratio
-        for i in range(iteration):
-            rate = self.pass_rates.get(i)
-            if rate is None:
-                continue
-            ratio += ex.step if rate < ex.target_pass else -ex.step
-            ratio = min(1.0, max(0.0, ratio))
-        return ratio
+        # Replayed from the cached rollouts' pass rates, so a resumed run computes the same
+        # ratios without extra state (opsd.context.exposure: one schedule per mode).
+        return exposure_ratio(self.cfg.teacher.context.exposure, iteration,
+                              self.cfg.online.iterations, self.pass_rates, self.cfg.online.seed)
 
     def observe(self, iteration: int, rollouts: Artifact) -> None:
         """Record an iteration's student pass rate (drives adaptive exposure)."""

@@ -88,19 +88,28 @@ KNOWN_VIEWS = ("system", "demonstrations", "sibling", "solution", "answer", "ski
 
 
 class ExposureConfig(_Strict):
-    """Partial exposure of the reference solution (ATESD-style)."""
+    """Partial exposure of the reference solution (opsd.context.exposure)."""
 
-    mode: Literal["fixed", "linear", "adaptive"] = Field(
+    mode: Literal["fixed", "linear", "adaptive", "atesd"] = Field(
         "fixed",
         description="fixed: always `ratio`; linear: from `start` to `end` over online iterations; "
         "adaptive: move the ratio each iteration toward the student's needs (more when its "
-        "pass rate is below `target_pass`, less when above).",
+        "pass rate is below `target_pass`, less when above); atesd: ATESD's Beta-policy "
+        "controller, one sampled ratio held for `hold` iterations, trained on the discounted "
+        "learning progress of the student's pass rate (online mode).",
     )
     ratio: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of the solution revealed (fixed).")
     start: float = Field(0.0, ge=0.0, le=1.0, description="Ratio at the first iteration (linear).")
     end: float = Field(1.0, ge=0.0, le=1.0, description="Ratio at the last iteration (linear).")
     target_pass: float = Field(0.5, ge=0.0, le=1.0, description="Adaptive: pass rate to hold.")
     step: float = Field(0.1, gt=0.0, le=1.0, description="Adaptive: ratio change per iteration.")
+    hold: int = Field(2, ge=1, le=1000, description="atesd: iterations one sampled ratio is held.")
+    horizon: int = Field(
+        2, ge=1, le=100, description="atesd: windows of future learning progress credited to a "
+        "decision (H).")
+    discount: float = Field(0.5, ge=0.0, le=1.0, description="atesd: discount of later progress.")
+    controller_lr: float = Field(
+        2.0, gt=0.0, le=1000.0, description="atesd: REINFORCE step size of the controller.")
 
 
 class ContextConfig(_Strict):

@@ -193,3 +193,40 @@ def test_gated_residual_consensus_matches_its_formula_position_by_position():
     c_far = combine(far, "mean_logprob")
     t_far = combine(far, "gated_residual", 0.01)  # views far apart: the gate closes
     torch.testing.assert_close(t_far, c_far, atol=1e-3, rtol=0)
+
+
+def test_exposure_schedules_and_the_atesd_controller():
+    """Each exposure mode's ratio by hand; ATESD's controller: one sampled ratio per hold window,
+    replayed identically from the same pass rates (a resumed run), and after windows whose
+    exposure was followed by learning progress it samples ratios near that exposure more often."""
+    import numpy as np
+
+    from opsd.config import ExposureConfig
+    from opsd.context.exposure import BetaController, atesd_decisions, exposure_ratio
+
+    rates = {0: 0.2, 1: 0.7, 2: 0.3}
+    assert exposure_ratio(ExposureConfig(), 3, 10, rates) is None  # fixed: the config's ratio
+    lin = ExposureConfig(mode="linear", start=0.2, end=1.0)
+    assert exposure_ratio(lin, 0, 5, rates) == pytest.approx(0.2)
+    assert exposure_ratio(lin, 2, 5, rates) == pytest.approx(0.6)
+    ada = ExposureConfig(mode="adaptive", ratio=0.5, step=0.1, target_pass=0.5)
+    assert exposure_ratio(ada, 3, 10, rates) == pytest.approx(0.5 + 0.1 - 0.1 + 0.1)
+
+    ex = ExposureConfig(mode="atesd", hold=2, horizon=1, discount=0.5, controller_lr=5.0)
+    r = [exposure_ratio(ex, i, 12, rates, seed=3) for i in range(4)]
+    assert r[0] == r[1] and r[2] == r[3] and r[0] != r[2]  # held per window, resampled after
+    assert all(0 < x < 1 for x in r)
+    assert atesd_decisions(ex, 5, {i: 0.1 * i for i in range(12)}, seed=3) == \
+        atesd_decisions(ex, 5, {i: 0.1 * i for i in range(12)}, seed=3)
+
+    # REINFORCE: a positive reward after a high ratio raises the policy's mean ratio
+    import torch
+
+    ctl = BetaController(lr=5.0)
+    x = torch.tensor([1.0, 0.3, 0.5], dtype=torch.float64)
+    mean0 = float(ctl.dist(x).mean)
+    for _ in range(5):
+        ctl.update(x, 0.9, 1.0)
+        ctl.update(x, 0.1, -1.0)
+    assert float(ctl.dist(x).mean) > mean0 + 0.05
+    assert np.isfinite(ctl.theta.numpy()).all()
