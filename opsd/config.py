@@ -191,6 +191,10 @@ class SummariseConfig(_Strict):
     enabled: bool = Field(False, description="Run the summarise stage before each teacher pass.")
     group_by: Literal["task", "prompt"] = Field("task", description="One summary per task or prompt.")
     max_examples: int = Field(6, ge=1, le=64, description="Rollouts shown to the summariser per group.")
+    exclude_self: bool = Field(
+        False, description="Skill-SD: never build a sample's lessons from that sample: each group "
+        "is split into two folds and each fold gets the lessons written from the other's attempts.",
+    )
     max_new_tokens: int = Field(96, ge=8, le=4096, description="Length cap of a summary.")
     template: str = Field(
         "Below are attempts at the same kind of request, each marked as passing or failing a "
@@ -198,6 +202,9 @@ class SummariseConfig(_Strict):
         "replies do that the failing ones do not (what worked, mistakes to avoid, the workflow).",
         description="Summarisation prompt; {examples} is replaced by the attempts.",
     )
+
+    def irrelevant(self) -> set[str]:
+        return set() if self.exclude_self else {"exclude_self"}  # keys of earlier recipes stay
 
 
 class GuidanceConfig(_Strict):

@@ -51,8 +51,10 @@ def dynamic_views(rollouts: dict, cfg: ContextConfig, skills: dict[str, str] | N
                 v["sibling"] = rollouts["text"][sib]
         if "skills" in wanted and skills:
             group = rollouts["task"][i] if group_by == "task" else rollouts["row_id"][i]
-            if skills.get(group):
-                v["skills"] = skills[group]
+            # a per-sample summary (summarise.exclude_self: written without this sample) first
+            lesson = skills.get(sid) or skills.get(group)
+            if lesson:
+                v["skills"] = lesson
         if v:
             out[sid] = v
     return out
