@@ -20,9 +20,11 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # no real model weights, no servers, no Prefect flow runs, no torchrun — under two minutes.
 # `make test` (CI) runs everything.
 INTEGRATION_MODULES = {
+    "test_bench_gpu", "test_device_pipeline",
     "test_concurrency", "test_deployment", "test_distributed", "test_fault_injection",
     "test_mlflow_ui", "test_pipeline_offline", "test_pipeline_online", "test_retention",
     "test_runners", "test_vllm_backend", "test_bad_inputs", "test_train_recipes",
+    "test_online_recipes",
 }
 
 
