@@ -12,12 +12,14 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from opsd.context.render import ContextError
     from opsd.data import DatasetError
     from opsd.models import ModelError
-    from opsd.flows.runner import UpstreamMissing
+    from opsd.flows.runner import DiskFull, UpstreamMissing
+    from opsd.storage.layout import InvalidName, RootError
     from opsd.stages.teacher import RolloutMismatch
     from opsd.stages.train import TargetMismatch
 
     return (ConfigError, DatasetError, ModelError, ContextError, BackendUnavailable,
-            UpstreamMissing, RolloutMismatch, TargetMismatch)
+            UpstreamMissing, RolloutMismatch, TargetMismatch, DiskFull, RootError,
+            InvalidName)
 
 
 @contextmanager

@@ -938,6 +938,71 @@ def config_from_dict(raw: dict[str, Any], origin: str = "<dict>") -> PipelineCon
         raise ConfigError(_format_validation_error(err, origin)) from None
 
 
+# A recipe is a page of settings: a larger file, or one whose anchors and aliases expand into
+# more nodes than this (a "billion laughs" document), is refused before it is built.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000
+
+
+def _read_recipe(p: Path) -> Any:
+    """The YAML document of a recipe, read with PyYAML's safe loader (plain data only: a
+    ``!!python/...`` tag is refused, never constructed), within the size limits above."""
+    if not p.is_file():
+        raise ConfigError(f"{p}: not a file; give the path of a YAML recipe")
+    size = p.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{p}: {size} bytes, over the limit of {MAX_RECIPE_BYTES} bytes for a "
+                          "recipe; check it is the right file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not UTF-8 text ({err}); save the recipe as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot be read ({err.strerror or err})") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_nodes(node) > MAX_RECIPE_NODES:
+            raise ConfigError(f"{p}: its anchors and aliases expand to more than "
+                              f"{MAX_RECIPE_NODES} values; write the recipe out without them")
+        return loader.construct_document(node) if node is not None else None
+    except yaml.constructor.ConstructorError as err:
+        if err.problem and "could not determine a constructor for the tag" in err.problem:
+            tag = err.problem.rsplit(" ", 1)[-1].strip("'").replace("tag:yaml.org,2002:", "!!")
+            mark = err.problem_mark
+            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "the recipe"
+            raise ConfigError(
+                f"{p}: YAML tag {tag} ({where}) is not allowed: recipes are plain data "
+                "(mappings, lists, strings, numbers), read with a safe loader that never builds "
+                "Python objects; remove the tag") from None
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_nodes(root: yaml.Node) -> int:
+    """How many values the document has with every alias expanded (shared nodes are counted
+    once per use, without expanding them: memoised over node identity)."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a recursive alias counts once instead of looping
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            total = 1
+        sizes[id(node)] = total
+        return total
+
+    return size(root)
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
@@ -950,10 +1015,7 @@ def load_config(
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        loaded = _read_recipe(p)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -105,14 +105,40 @@ def resolve_model_path(spec: ModelConfig | str) -> Path:
     if local.exists():
         if not (local / "config.json").exists():
             raise ModelError(f"{local} exists but has no config.json; not a Hugging Face model folder")
-        return local
+        return refuse_custom_code(local)
     if "/" not in name or name.startswith((".", "/", "~")):
         known = ", ".join(BUILTIN)
         raise ModelError(
             f"model {name!r} is neither a built-in name ({known}), an existing folder, nor a hub id "
             "of the form owner/name"
         )
-    return _resolve_hub(name, revision)
+    return refuse_custom_code(_resolve_hub(name, revision))
+
+
+def refuse_custom_code(folder: Path) -> Path:
+    """``folder`` when transformers can load it with its own classes. opsd never passes
+    ``trust_remote_code=True``: a model folder whose architecture exists only as Python code in
+    the folder (``auto_map`` with a ``model_type`` transformers does not know) is refused here,
+    before anything could import that code."""
+    import json
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{folder}/config.json cannot be read as JSON ({err})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type in CONFIG_MAPPING:
+        return folder  # a known architecture: any auto_map is ignored (trust_remote_code is off)
+    if isinstance(config, dict) and config.get("auto_map"):
+        raise ModelError(
+            f"{folder} needs its own Python code to load (config.json: model_type "
+            f"{model_type!r} with auto_map {sorted(config['auto_map'])}); opsd never runs code "
+            "shipped with a model (trust_remote_code is off). Use a model whose architecture "
+            "transformers includes, or convert it to one.")
+    raise ModelError(f"{folder}: model_type {model_type!r} is not an architecture the installed "
+                     "transformers knows; upgrade transformers or use another model")
 
 
 def _resolve_hub(repo_id: str, revision: str | None) -> Path:

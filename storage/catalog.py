@@ -48,7 +48,16 @@ SCHEMA = [
         producer_run_id VARCHAR, manifest_json VARCHAR)""",
     # the SQL each Parquet view was last created with (a view is recreated when it changes)
     "CREATE TABLE IF NOT EXISTS view_defs(view_name VARCHAR PRIMARY KEY, sql_hash VARCHAR)",
+    # {file inside the artifact: [bytes, sha256]} at publication: a reader checks the files it
+    # reuses and names a damaged one (storage/integrity.py); NULL for older artifacts
+    "ALTER TABLE artifacts ADD COLUMN IF NOT EXISTS files_json VARCHAR",
+    # NULL/'ok', or why MLflow could not be written during the run ('lost: ...'): such a run's
+    # tracking is caught up from the catalog later (`opsd track --run ID`, or the next run)
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS tracking VARCHAR",
 ]
+
+ARTIFACT_COLUMNS = ("key, stage, kind, path, rows, bytes, hash, status, created_at, producer_run_id, "
+                    "manifest_json, files_json")
 
 # view name → (stage folder, file glob inside an artifact)
 PARQUET_VIEWS = {
@@ -167,7 +176,9 @@ class Catalog:
                   parent_run_id: str | None = None, prefect_flow_run_id: str | None = None) -> None:
         with self._write() as con:
             con.execute(
-                "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO runs (run_id, name, mode, status, config_json, config_hash, "
+                "created_at, finished_at, mlflow_run_id, prefect_flow_run_id, parent_run_id, "
+                "metrics_json, error, pid, host) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [run_id, name, mode, "running", json.dumps(config, sort_keys=True), config_hash,
                  _now(), None, None, prefect_flow_run_id, parent_run_id, "{}", None,
                  os.getpid(), socket.gethostname()],
@@ -189,7 +200,7 @@ class Catalog:
 
     def update_run(self, run_id: str, **fields: Any) -> None:
         allowed = {"status", "mlflow_run_id", "prefect_flow_run_id", "metrics_json", "error",
-                   "finished_at"}
+                   "finished_at", "tracking"}
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"cannot update run fields {sorted(bad)}")
@@ -206,7 +217,18 @@ class Catalog:
             fields["metrics_json"] = metrics
         self.update_run(run_id, **fields)
 
+    def runs_with_lost_tracking(self) -> list[str]:
+        """Runs whose MLflow tracking was interrupted (``tracking`` starts with 'lost')."""
+        _, rows = self.query("SELECT run_id FROM runs WHERE tracking LIKE 'lost%' "
+                             "AND status != 'running' ORDER BY created_at")
+        return [r[0] for r in rows]
+
     # ------------------------------------------------------------------ stages
+
+    def set_stage_mlflow_run(self, run_id: str, label: str, mlflow_run_id: str) -> None:
+        with self._write() as con:
+            con.execute("UPDATE stages SET mlflow_run_id=? WHERE run_id=? AND label=?",
+                        [mlflow_run_id, run_id, label])
 
     def start_stage(self, run_id: str, label: str, stage: str, key: str) -> None:
         with self._write() as con:
@@ -235,9 +257,10 @@ class Catalog:
                 status = con.execute("SELECT status FROM artifacts WHERE key=?", [key]).fetchone()
                 if status is None or status[0] != "complete":
                     con.execute(
-                        "INSERT OR REPLACE INTO artifacts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        f"INSERT OR REPLACE INTO artifacts ({ARTIFACT_COLUMNS}) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                         [key, stage, kind, str(path), None, None, None, "publishing", _now(),
-                         run_id, "{}"],
+                         run_id, "{}", None],
                     )
                     announced = True
         return found, announced
@@ -264,18 +287,19 @@ class Catalog:
 
     def record_artifact(self, key: str, stage: str, kind: str, path: Path, rows: int, nbytes: int,
                         content_hash: str, producer_run_id: str, manifest: dict,
-                        status: str = "complete") -> None:
+                        status: str = "complete", files: dict | None = None) -> None:
         with self._write() as con:
             self._record_artifact(con, key, stage, kind, path, rows, nbytes, content_hash,
-                                  producer_run_id, manifest, status)
+                                  producer_run_id, manifest, status, files)
 
     def _record_artifact(self, con, key: str, stage: str, kind: str, path: Path, rows: int,
                          nbytes: int, content_hash: str, producer_run_id: str, manifest: dict,
-                         status: str = "complete") -> None:
+                         status: str = "complete", files: dict | None = None) -> None:
         con.execute(
-            "INSERT OR REPLACE INTO artifacts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT OR REPLACE INTO artifacts ({ARTIFACT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             [key, stage, kind, str(path), rows, nbytes, content_hash, status, _now(),
-             producer_run_id, json.dumps(manifest, sort_keys=True, default=str)],
+             producer_run_id, json.dumps(manifest, sort_keys=True, default=str),
+             json.dumps(files, sort_keys=True) if files is not None else None],
         )
         if status == "complete":
             self._refresh_views(con)
@@ -284,23 +308,50 @@ class Catalog:
         with self._write() as con:
             con.execute("UPDATE artifacts SET status='invalid' WHERE key=?", [key])
 
+    def mark_damaged(self, key: str) -> None:
+        """A complete artifact whose files no longer match their hashes: never reused again; the
+        next stage that needs the key recomputes it and replaces the folder."""
+        with self._write() as con:
+            con.execute("UPDATE artifacts SET status='corrupt' WHERE key=? AND status='complete'",
+                        [key])
+
     def artifact(self, key: str) -> dict | None:
-        """The complete artifact with this key, if its files still exist."""
+        """The complete artifact with this key, as catalogued (its files are not checked here:
+        :func:`opsd.storage.integrity.check_artifact` compares them with ``files``/``hash``)."""
         with self._write() as con:  # tiny read; the lock keeps it consistent with writers
             return self._artifact_in(con, key)
 
+    _RECORD_SQL = ("SELECT key, stage, kind, path, rows, bytes, hash, manifest_json, files_json, "
+                   "status, producer_run_id FROM artifacts")
+
     @staticmethod
-    def _artifact_in(con, key: str) -> dict | None:
-        row = con.execute(
-            "SELECT key, stage, kind, path, rows, bytes, hash, manifest_json FROM artifacts "
-            "WHERE key=? AND status='complete'", [key]
-        ).fetchone()
-        if row is None or not Path(row[3]).exists():
-            return None
+    def _record(row) -> dict:
         return {
             "key": row[0], "stage": row[1], "kind": row[2], "path": row[3], "rows": row[4],
-            "bytes": row[5], "hash": row[6], "manifest": json.loads(row[7]),
+            "bytes": row[5], "hash": row[6], "manifest": json.loads(row[7] or "{}"),
+            "files": json.loads(row[8]) if row[8] else None, "status": row[9],
+            "producer_run_id": row[10],
         }
+
+    @classmethod
+    def _artifact_in(cls, con, key: str) -> dict | None:
+        row = con.execute(f"{cls._RECORD_SQL} WHERE key=? AND status='complete'", [key]).fetchone()
+        return None if row is None else cls._record(row)
+
+    def largest_artifact(self, stage: str) -> int | None:
+        """Bytes of the largest complete artifact of ``stage`` (a space estimate), if any."""
+        _, rows = self.query("SELECT max(bytes) FROM artifacts WHERE stage=? AND status='complete'",
+                             [stage])
+        return rows[0][0] if rows and rows[0][0] else None
+
+    def artifact_records(self, run_id: str | None = None) -> list[dict]:
+        """Every artifact row (any status), or those of the stages of ``run_id``, oldest first."""
+        sql, params = self._RECORD_SQL, []
+        if run_id is not None:
+            sql += " WHERE key IN (SELECT key FROM stages WHERE run_id = ?)"
+            params = [run_id]
+        _, rows = self.query(sql + " ORDER BY created_at", params)
+        return [self._record(r) for r in rows]
 
     # ------------------------------------------------------------------ views
 

@@ -17,9 +17,11 @@ never leaves something under ``artifacts/`` that looks whole.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
@@ -109,7 +111,7 @@ class Layout:
         return self.tmp / f"{stage}-{key}"
 
     def run_dir(self, run_id: str) -> Path:
-        return self.runs / run_id
+        return self.runs / check_run_id(run_id)
 
     def publish(self, stage: str, key: str) -> Path:
         """Atomically move a finished staging dir into ``artifacts/``.
@@ -152,7 +154,10 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 def dir_stats(path: Path) -> tuple[int, str]:
-    """(total bytes, content hash) of a directory's files, in name order."""
+    """(total bytes, content hash) of a directory's files, in name order.
+
+    The hash artifacts were catalogued with before per-file hashes existed
+    (:func:`artifact_digest`); kept to verify those."""
     total, h = 0, hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         total += f.stat().st_size
@@ -161,3 +166,124 @@ def dir_stats(path: Path) -> tuple[int, str]:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return total, h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ content hashes
+
+_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ArtifactDigest:
+    """What the catalog stores about an artifact's content at publication.
+
+    ``files`` maps each file's path inside the artifact to ``[bytes, sha256 hex]``: a reader
+    names the damaged file, and a missing or truncated file is found with a ``stat`` before
+    anything is hashed. ``digest`` (16 hex chars) hashes that listing, so it changes with any
+    file's name, size or content."""
+
+    nbytes: int
+    digest: str
+    files: dict[str, list]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(_BLOCK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def listing_digest(files: dict[str, list]) -> str:
+    """The artifact-level hash of a per-file listing (see :class:`ArtifactDigest`)."""
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        size, sha = files[rel]
+        h.update(f"{rel}\0{size}\0{sha}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def artifact_digest(path: Path) -> ArtifactDigest:
+    """Sizes and SHA-256 of every file under ``path`` (one read of each file)."""
+    files: dict[str, list] = {}
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        files[f.relative_to(path).as_posix()] = [f.stat().st_size, file_sha256(f)]
+    return ArtifactDigest(sum(size for size, _ in files.values()), listing_digest(files), files)
+
+
+# ------------------------------------------------------------------ names that become paths
+
+# A run id names a folder (runs/<id>/): it may not climb out of it or hide in it.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class InvalidName(ValueError):
+    """A user-given name that would become a path but is not a plain file name."""
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` unchanged when it is a plain name (letters, digits, '.', '_', '-'; no '..')."""
+    if not _RUN_ID.fullmatch(run_id) or ".." in run_id:
+        raise InvalidName(f"run id {run_id!r} is not allowed: it names a folder under runs/, so "
+                          "use only letters, digits, '.', '_' and '-' (at most 128, no '..')")
+    return run_id
+
+
+# ------------------------------------------------------------------ the root itself
+
+
+class RootError(ValueError):
+    """An artifact root that cannot be used (a file, not writable)."""
+
+
+def check_root(root: str | os.PathLike | None = None) -> Path:
+    """Refuse an unusable artifact root before anything runs, writing nothing (not even a
+    probe file): the root (or, when it does not exist yet, its nearest existing parent) must be
+    a directory this process may write to (``access(2)`` also answers for read-only mounts)."""
+    path = resolve_root(root)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        raise RootError(f"the artifact root {path} {what}, not a folder; give --root "
+                        "(or OPSD_HOME) a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only_mount(existing) else "no write permission"
+        raise RootError(f"cannot write to the artifact root {path} ({why} at {existing}); give "
+                        "--root (or OPSD_HOME) a writable folder")
+    return path
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------ full disks
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# how libraries that do not raise OSError say it (safetensors' Rust writer, DuckDB, a torchrun
+# rank's log tail in a RuntimeError)
+_FULL_TEXT = ("no space left on device", "disk quota exceeded", "file too large", "storagefull")
+
+
+def disk_full(err: BaseException | None) -> str | None:
+    """Why ``err`` — or an exception it was raised from — is a write that ran out of space
+    (a full file system, a quota, the process's file-size limit); None when it is not."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _FULL_ERRNOS:
+            where = f" writing {err.filename}" if err.filename else ""
+            return f"{err.strerror or os.strerror(err.errno)}{where}"
+        text = str(err).lower()
+        for phrase in _FULL_TEXT:
+            if phrase in text:
+                return "file too large" if phrase == "file too large" else \
+                    ("no space left on device" if phrase == "storagefull" else phrase)
+        err = err.__cause__ or err.__context__
+    return None

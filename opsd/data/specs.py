@@ -8,9 +8,12 @@ reasoning-gym task fails before any model runs, not hours into a run.
 from __future__ import annotations
 
 import difflib
-import re
 from typing import Annotated, Any, Literal, Union
 
+# The `regex` engine (a transformers dependency) instead of `re`: the same syntax, and a search
+# can be given a time limit, so a pattern with catastrophic backtracking cannot hang evaluation
+# (opsd.data.verifiers applies the limit).
+import regex as re
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
@@ -20,8 +23,12 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# A verifier pattern is a rule ("starts with 'Sure'"), not a program: a longer one is refused.
+MAX_PATTERN_CHARS = 4096
+
+
 class RegexVerifier(StrictModel):
-    """Passes when ``re.search(pattern, reply)`` matches.
+    """Passes when ``re.search(pattern, reply)`` matches (within a time limit).
 
     The reply is the decoded response with special tokens removed but *not*
     stripped, so anchored patterns should allow surrounding whitespace
@@ -30,7 +37,7 @@ class RegexVerifier(StrictModel):
 
     type: Literal["regex"] = "regex"
     flags: str = Field("", description="Any of 'i', 'm', 's', 'x' (IGNORECASE, MULTILINE, DOTALL, VERBOSE).")
-    pattern: str
+    pattern: str = Field(max_length=MAX_PATTERN_CHARS)
     description: str | None = Field(
         None, description="Human phrase completing 'The reply should ...', e.g. \"start with 'Sure thing!'\"."
     )
@@ -53,7 +60,7 @@ class RegexVerifier(StrictModel):
             raise ValueError(reason) from None
         return value
 
-    def compiled(self) -> re.Pattern[str]:
+    def compiled(self) -> re.Pattern:
         return re.compile(self.pattern, _flag_bits(self.flags))
 
 

@@ -10,6 +10,8 @@ Verifiers never raise on model output: an unparsable reply is a failed verdict.
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -19,6 +21,8 @@ from typing import Any
 from opsd.data import jsonsafe
 from opsd.data.rows import Row
 from opsd.data.specs import ExactVerifier, MathVerifier, ReasoningGymVerifier, RegexVerifier, VerifierSpec
+
+log = logging.getLogger("opsd")
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,30 @@ def _expected(spec: ExactVerifier | MathVerifier, row: Row) -> str:
     return expected
 
 
+# A verifier's search stops after this many seconds (OPSD_REGEX_TIMEOUT overrides): a
+# pathological pattern (nested quantifiers such as "(a|aa)+$") fails the reply instead of hanging
+# the evaluation. The engine checks the clock while it backtracks, so a busy machine may overrun.
+REGEX_TIMEOUT_S = 1.0
+_slow_patterns: set[str] = set()
+
+
+def regex_timeout() -> float:
+    return float(os.environ.get("OPSD_REGEX_TIMEOUT", REGEX_TIMEOUT_S))
+
+
 def _verify_regex(spec: RegexVerifier, reply: str) -> Verdict:
-    if spec.compiled().search(reply):
+    limit = regex_timeout()
+    try:
+        matched = spec.compiled().search(reply, timeout=limit)
+    except TimeoutError:
+        if spec.pattern not in _slow_patterns:  # once per pattern, not once per reply
+            _slow_patterns.add(spec.pattern)
+            log.warning("regex verifier %r gave up after %.1fs on a reply (catastrophic "
+                        "backtracking?); such replies count as failed. Simplify the pattern "
+                        "(avoid nested quantifiers like (a+)+) or raise OPSD_REGEX_TIMEOUT",
+                        spec.pattern, limit)
+        return _binary(False, f"The reply could not be checked within {limit:.1f}s.")
+    if matched:
         return _binary(True, "The reply follows the rule.")
     rule = spec.description if spec.description else f"match the pattern {spec.pattern!r}"
     return _binary(False, f"The reply should {rule}.")
