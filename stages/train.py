@@ -19,6 +19,7 @@ import logging
 import numpy as np
 
 from opsd.config import TrainConfig
+from opsd.device import resolve_dtype
 from opsd.objectives import mixing
 from opsd.objectives import registry as objective_registry
 from opsd.pool import Policy
@@ -183,7 +184,7 @@ def run(
             and not objective_registry.get(cfg.objective).temperature_free):
         log.warning("train.temperature=%s: the cached teacher targets are temperature-1 log-probs; "
                     "only the student's logits are tempered", cfg.temperature)
-    if cfg.world_size > 1:
+    if cfg.world_size * cfg.nnodes > 1:
         from opsd.training import distributed
 
         pol = lambda p: {"key": p.key, "path": str(p.path), "label": p.label} if p else None  # noqa: E731
@@ -194,8 +195,14 @@ def run(
             "init": pol(init), "teacher": pol(teacher) if cfg.live_teacher else None,
             "teacher_dtype": teacher_dtype, "teacher_batch_size": teacher_batch_size,
             "out_dir": str(ctx.out_dir), "show_progress": ctx.show_progress,
+            # the run's device type: CUDA ranks take cuda:LOCAL_RANK each
+            "device": ctx.pool.device.type,
         }
-        distributed.launch(spec, ctx.out_dir, cfg.world_size)
+        if cfg.nnodes > 1:
+            log.info("train: %d nodes; on each other node run: %s", cfg.nnodes,
+                     distributed.node_command(ctx.out_dir / "dist_spec.json"))
+        distributed.launch(spec, ctx.out_dir, cfg.world_size, nnodes=cfg.nnodes,
+                           rdzv_endpoint=cfg.rdzv_endpoint)
         history = read_table(ctx.out_dir / "metrics.parquet").to_pylist()
         if ctx.on_metrics:  # the ranks could not reach MLflow live: replay their curve
             for h in history:
@@ -223,8 +230,14 @@ def run(
         "temperature": cfg.temperature,
         "rollout_temperature": rollout_temperature,
         "live_teacher": cfg.live_teacher,
-        "world_size": cfg.world_size,
-        "sharding": cfg.sharding if cfg.world_size > 1 else None,
+        "world_size": cfg.world_size * cfg.nnodes,  # ranks in all
+        "nnodes": cfg.nnodes,
+        "sharding": cfg.sharding if cfg.world_size * cfg.nnodes > 1 else None,
+        # the autocast actually used and how many micro-batches checkpointed their layers
+        "autocast": done.get("autocast"),
+        "activation_checkpointing": done.get("activation_checkpointing"),
+        "init": done.get("init"),
+        "wrapper": done.get("wrapper"),
         # world_size > 1: parameter / AdamW-moment elements and peak RSS of every rank
         "per_rank": done.get("per_rank"),
         "passed_fraction": done["passed_fraction"],
@@ -262,10 +275,19 @@ def train_local(cfg: TrainConfig, rollouts: Artifact, targets: Artifact, init: P
     # one fp32 model at the step's peak instead of two and no bf16 copy (−870 MB for
     # SmolLM2-135M). A rank's pool is its own (with fsdp the rank then holds only its shard).
     ctx.pool.drop_copies(init.key, keep=teacher_model)
-    model = ctx.pool.take_master(init)
+    forward = None
+    if sharded:
+        # FSDP: built on the meta device and sharded; each rank reads only its rows of the
+        # checkpoint, never the whole fp32 model
+        model, forward = dist.load_sharded(init.path)
+        init_how = "meta-device init, each rank read its shard"
+    else:
+        model = ctx.pool.take_master(init)
+        init_how = "full checkpoint on every rank" if dist is not None else "full checkpoint"
     plan = plan_batches(len(examples), cfg, [e.group for e in examples])
     trainer = Trainer(model, cfg, tokenizer.pad_token_id, total_steps=len(plan),
-                      teacher_model=teacher_model, teacher_batch_size=teacher_batch_size, dist=dist)
+                      teacher_model=teacher_model, teacher_batch_size=teacher_batch_size, dist=dist,
+                      forward=forward)
     history: list[dict] = []
     resume_dir = ctx.out_dir / "resume"
     start = 0
@@ -309,7 +331,12 @@ def train_local(cfg: TrainConfig, rollouts: Artifact, targets: Artifact, init: P
     model.eval()
     passed = [e.passed for e in examples if e.passed is not None]
     summary = {"seconds": seconds, "examples": len(examples),
-               "passed_fraction": sum(passed) / len(passed) if passed else None}
+               "passed_fraction": sum(passed) / len(passed) if passed else None,
+               "autocast": resolve_dtype(cfg.autocast, trainer.device) if cfg.autocast != "none"
+               else "none", "activation_checkpointing": trainer.checkpointing.summary(),
+               "init": init_how,
+               # what reduced the gradients: DistributedDataParallel's reducer, or FSDP2
+               "wrapper": type(trainer.forward).__name__ if trainer.forward is not None else None}
     if dist is not None:
         summary["per_rank"] = dist.per_rank(model, trainer.opt)
     weights = dist.full_state_dict(model) if sharded else None
@@ -349,7 +376,7 @@ def online_steps(trainer: Trainer, cfg: TrainConfig, rollouts: Artifact, targets
 
 
 def online_manifest(stats: list[dict], cfg: TrainConfig, iteration: int, seconds: float,
-                    ctx: StageContext) -> dict:
+                    ctx: StageContext, trainer: Trainer | None = None) -> dict:
     """Write one online iteration's metrics (``metrics.parquet``, MLflow) and return its manifest."""
     if ctx.on_metrics:
         for st in stats:
@@ -360,6 +387,7 @@ def online_manifest(stats: list[dict], cfg: TrainConfig, iteration: int, seconds
         "iteration": iteration, "steps": len(stats), "tokens_trained": tokens, "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds else None, "final_loss": stats[-1]["loss"],
         "final_kl": stats[-1]["kl"], "objective": cfg.objective, "live_teacher": cfg.live_teacher,
+        "activation_checkpointing": trainer.checkpointing.summary() if trainer else None,
     }
 
 

@@ -106,3 +106,23 @@ def wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout: float = 1
             if time.time() > deadline or proc.poll() is not None:
                 raise AssertionError(f"{what} did not come up")
             time.sleep(1)
+
+
+def synthetic_examples(n: int, prompt_len: int, resp_len: int, vocab: int, k: int, seed: int = 0):
+    """Training examples with random ids and well-formed top-k targets (10 % tail mass)."""
+    import numpy as np
+
+    from opsd.training.batches import Example
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        logits_RK = rng.standard_normal((resp_len, k)).astype(np.float32)
+        lp = -np.sort(-(logits_RK - np.log(np.exp(logits_RK).sum(-1, keepdims=True) / 0.9)), axis=1)
+        out.append(Example(
+            sample_id=f"s{i}", prompt_ids=rng.integers(0, vocab, prompt_len).tolist(),
+            response_ids=rng.integers(0, vocab, resp_len).tolist(),
+            behaviour_logp=np.full(resp_len, -2.0, np.float32), teacher_logp=lp[:, 0].copy(),
+            topk_ids=rng.integers(0, vocab, (resp_len, k)).astype(np.int32), topk_logp=lp,
+            tail=np.full(resp_len, 0.1, np.float32), group=f"g{i}"))
+    return out

@@ -159,3 +159,73 @@ def test_world_size_is_validated():
     with pytest.raises(ValueError, match="sharding"):
         TrainConfig.model_validate({"world_size": 2, "sharding": "zero3"})
     assert torch.distributed.is_available()
+
+
+def test_ddp_and_fsdp_use_pytorchs_own_reducers(artifacts):
+    """The one-process runs above recorded no wrapper; the 2-rank ones recorded DDP's reducer
+    (overlapping all-reduce) and FSDP2, and FSDP's ranks each read only their shard."""
+    ddp = _run(artifacts, "wrappers-ddp", 2, "forward_kl_topk", epochs=1)[0]
+    assert ddp["wrapper"] == "DistributedDataParallel"
+    assert ddp["init"] == "full checkpoint on every rank"
+    fsdp = _run(artifacts, "wrappers-fsdp", 2, "forward_kl_topk", epochs=1, sharding="fsdp")[0]
+    assert fsdp["wrapper"].startswith("FSDP") and fsdp["init"].startswith("meta-device init")
+    assert _one_process(artifacts, "forward_kl_topk")[0]["wrapper"] is None
+
+
+@pytest.mark.timeout(420)
+def test_two_nodes_on_localhost_match_one_process(artifacts):
+    """A 2-"node" launch: this process's train stage starts torchrun with nnodes=2 and a c10d
+    rendezvous on 127.0.0.1; a second torchrun joins it from the spec the stage wrote
+    (``python -m opsd.stages.train_worker --node SPEC``). 2 ranks in all, one per node: the same
+    training as one process."""
+    import subprocess
+    import sys
+
+    from tests.helpers import free_port
+
+    objective = "forward_kl_topk"
+    one = _one_process(artifacts, objective)
+    cfg = TrainConfig.model_validate({**TRAIN, "objective": objective, "world_size": 1,
+                                      "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}"})
+    out = artifacts["base"] / "dist-two-nodes"
+    out.mkdir()
+    ctx = StageContext(out_dir=out, pool=artifacts["pool"], show_progress=False)
+    result: dict = {}
+
+    def head() -> None:
+        try:
+            result["manifest"] = train_stage.run(cfg, artifacts["rollouts"], artifacts["targets"],
+                                                 artifacts["policy"], ctx, rollout_temperature=1.0)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            result["error"] = err
+
+    first = threading.Thread(target=head)
+    first.start()
+    spec = out / "dist_spec.json"
+    deadline = time.monotonic() + 120
+    while not spec.exists() and first.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert spec.exists(), result.get("error")
+    node = subprocess.run([sys.executable, "-m", "opsd.stages.train_worker", "--node", str(spec)],
+                          capture_output=True, text=True, timeout=400)
+    first.join()
+    assert node.returncode == 0, node.stdout[-2000:] + node.stderr[-2000:]
+    assert "error" not in result, result.get("error")
+    man = result["manifest"]
+    assert man["nnodes"] == 2 and man["world_size"] == 2 and man["wrapper"] == "DistributedDataParallel"
+    two = (man, load_file(str(out / "model" / "model.safetensors")),
+           read_table(out / "metrics.parquet").to_pylist())
+    _assert_same_training(artifacts, one, two, "2 nodes x 1 rank")
+    # each node kept its own torchrun log
+    assert (out / "dist.log").exists() and list(out.glob("dist-*.log"))
+
+
+def test_multi_node_needs_a_rendezvous_endpoint():
+    with pytest.raises(ValueError, match="rdzv_endpoint"):
+        PipelineConfig.model_validate({"train": {"nnodes": 2}})
+    from opsd.training.distributed import backend_for, torchrun_command
+
+    assert backend_for("auto", "cpu") == "gloo" and backend_for("auto", "cuda") == "nccl"
+    cmd = torchrun_command("spec.json", 4, nnodes=2, rdzv_endpoint="head:29400", rdzv_id="x")
+    assert "--rdzv_backend=c10d" in cmd and "--rdzv_endpoint=head:29400" in cmd
+    assert "--nproc_per_node=4" in cmd and "--nnodes=2" in cmd

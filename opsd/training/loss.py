@@ -22,6 +22,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from opsd.config import TrainConfig
+from opsd.device import resolve_dtype
 from opsd.objectives import divergences as D
 from opsd.objectives import registry
 from opsd.objectives.plan import TokenStats, needs_stats, token_coefficients
@@ -273,8 +274,8 @@ def _micro_batch_forward(model, batch: Batch, cfg: TrainConfig, *, teacher: Live
             raise ValueError(f"objective {cfg.objective!r} (topk_support="
                              f"{cfg.divergence.topk_support}) needs a live teacher model")
         th_NH, teacher_head = teacher.hidden(batch), teacher.lm_head
-    use_bf16 = cfg.autocast == "bfloat16"
     device = next(model.parameters()).device
+    use_bf16 = resolve_dtype(cfg.autocast, device) == "bfloat16"  # "auto": the device's fast dtype
     plan_batch, batch = batch, batch.to(device)  # coefficients are planned on the CPU copy
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
         hidden_BLH = decoder(**decoder_inputs(model, batch)).last_hidden_state
@@ -291,7 +292,7 @@ def _micro_batch_forward(model, batch: Batch, cfg: TrainConfig, *, teacher: Live
                 if getattr(coef, name) is not None:
                     setattr(coef, name, getattr(coef, name).to(device))
         fn = _chunk_loss(cfg, lm_head, teacher_head)
-        total = torch.zeros(())
+        total = torch.zeros((), device=device)
         divs, ents = [], []
 
         def part(x, sl):
@@ -311,5 +312,6 @@ def _micro_batch_forward(model, batch: Batch, cfg: TrainConfig, *, teacher: Live
             divs.append(div_C)
             ents.append(ent_C)
     if keep_graph and not total.requires_grad:
-        total = total + 0.0 * h_NH.sum()
+        # every parameter takes part in the backward's collectives, an untied LM head included
+        total = total + 0.0 * h_NH.sum() + 0.0 * lm_head.weight.sum()
     return total, torch.cat(divs), torch.cat(ents), coef.info

@@ -3,10 +3,19 @@
 One :meth:`Trainer.step` is an optimiser batch: micro-batches through
 :func:`opsd.training.loss.micro_batch_loss` (token-mean over the whole batch however it is split,
 also across data-parallel ranks), gradient clipping, fused AdamW, the LR schedule.
+
+Precision: fp32 master weights and AdamW state, the forward and backward under bf16 autocast
+(``train.autocast``). The alternative, bf16 weights with the optimiser keeping fp32 copies, holds
+the same bytes per parameter and saves autocast's casts, but a bf16 weight itself cannot take an
+update smaller than 2^-8 of its magnitude: with lr 5e-5 most of a model's updates are that small,
+and ``bench/precision.py`` measures how many elements such a step silently drops. Pure bf16
+(weights and moments) drops them outright. The model trains wherever its weights are (the pool
+put them on the run's device); the fused AdamW kernel runs on CPU and CUDA alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,7 +27,8 @@ from opsd.config import TrainConfig
 from opsd.memory import release_free_memory
 from opsd.packing import supports_packing
 from opsd.training.batches import Example, collate, epoch_order
-from opsd.training.loss import LiveTeacher, LossModule, micro_batch_loss
+from opsd.training.loss import LiveTeacher, micro_batch_loss
+from opsd.training.memory import Checkpointing
 
 
 class NumericalError(FloatingPointError):
@@ -89,6 +99,16 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
     return opt, sched
 
 
+def compile_layers(model: torch.nn.Module) -> int:
+    """``torch.compile`` every decoder layer in place (dynamic shapes: micro-batches change
+    length). Per layer rather than the whole model: the loss calls the decoder and the chunked LM
+    head itself, and layer units are what FSDP and checkpointing wrap. Returns how many."""
+    layers = list(getattr(model.get_decoder(), "layers", []))
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 class Trainer:
     """Runs optimiser steps over examples; resumable from (weights, optimiser, TrainState).
 
@@ -98,28 +118,27 @@ class Trainer:
 
     def __init__(self, model, cfg: TrainConfig, pad_id: int, total_steps: int,
                  teacher_model: torch.nn.Module | None = None, teacher_batch_size: int = 32,
-                 share_prefix: bool = True, dist=None):
+                 share_prefix: bool = True, dist=None, forward: torch.nn.Module | None = None):
+        """``dist``: an :class:`opsd.training.distributed.DataParallel` (this rank trains on its
+        share of every batch through a DDP- or FSDP2-wrapped loss module); ``forward``: that
+        module when the caller built it already (FSDP's sharded load)."""
         self.model = model
-        if cfg.activation_checkpointing:
-            # recompute each decoder layer in backward: activations of one layer instead of all
-            # (transformers 5 renamed gradient_checkpointing_enable and deprecated the old name)
-            if hasattr(model, "activation_checkpointing_enable"):
-                model.activation_checkpointing_enable(
-                    activation_checkpointing_kwargs={"use_reentrant": False})
-            elif hasattr(model, "gradient_checkpointing_enable"):
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.device = dist.device if dist is not None else next(model.parameters()).device
+        # recompute decoder layers in backward: always, never, or (auto) when a micro-batch's
+        # activations would not fit the device (opsd.training.memory)
+        self.checkpointing = Checkpointing(cfg.activation_checkpointing, model, self.device)
+        if cfg.compile:
+            compile_layers(model)
         self.pack = cfg.share_prompts and supports_packing(model)
-        # opsd.training.distributed.DataParallel: this rank trains on its share of every batch
         self.dist = dist
         self.cfg = cfg
         self.pad_id = pad_id
         self.total_steps = max(1, total_steps)
-        self.forward: LossModule | None = None
-        if dist is not None and dist.sharded:
-            # before the optimiser is built: AdamW holds (and shards its moments like) the
-            # sharded parameters
-            self.forward = LossModule(model)
-            dist.fully_shard(self.forward, model)
+        self.forward = forward
+        if dist is not None and forward is None:
+            # before the optimiser is built: under FSDP, AdamW holds (and shards its moments
+            # like) the sharded parameters
+            self.forward = dist.wrap(model)
         self.opt, self.sched = make_optimizer(model, cfg, total_steps)
         self.state = TrainState()
         self.teacher = (LiveTeacher(teacher_model, teacher_batch_size, share_prefix)
@@ -140,17 +159,25 @@ class Trainer:
         n_real = len(micro)
         if self.dist:
             # FSDP gathers and reduces inside every forward/backward (collectives): all ranks run
-            # the same number of micro-batches; with DDP at least one (same metric names on every
-            # rank). A rank short of a ragged last batch runs a copy of the batch's first example
-            # with loss weight 0: a zero gradient, its statistics dropped.
-            want = int(self.dist.max(len(micro))) if self.forward is not None else 1
+            # the same number of micro-batches; with DDP at least one, whose backward reduces
+            # (same metric names on every rank). A rank short of a ragged last batch runs a copy
+            # of the batch's first example with loss weight 0: a zero gradient, its statistics
+            # dropped.
+            want = int(self.dist.max(len(micro))) if self.dist.sharded else 1
             micro += [examples[:1]] * max(0, want - len(micro))
         for m, part in enumerate(micro):
             mb = collate(part, self.pad_id, pack=self.pack)
+            self.checkpointing.before(int(mb.input_ids_BL.numel()))
             # Token-mean over the whole optimiser batch, however it is split.
             scale = 1.0 / max(1, n_tokens) if m < n_real else 0.0
-            loss, div, ent, info = micro_batch_loss(self.model, mb, cfg, scale, teacher=self.teacher,
-                                                    progress=progress, forward=self.forward)
+            # DDP: gradients stay local until the batch's last micro-batch, whose backward
+            # all-reduces them bucket by bucket while it runs
+            sync = self.dist.accumulating(self.forward, last=m == len(micro) - 1) if self.dist \
+                else contextlib.nullcontext()
+            with sync:
+                loss, div, ent, info = micro_batch_loss(self.model, mb, cfg, scale,
+                                                        teacher=self.teacher, progress=progress,
+                                                        forward=self.forward)
             for k, v in info.items():  # token-weighted average over micro-batches
                 info_sum[k] = info_sum.get(k, 0.0) + (v * mb.n_tokens if m < n_real else 0.0)
             if m < n_real:
@@ -163,10 +190,8 @@ class Trainer:
         div_stats = (float(div.sum()), float(div.numel()), float(div.min()) if div.numel() else math.inf,
                      float(div.max()) if div.numel() else -math.inf, float(ent.sum()))
         if self.dist:
-            # Sum of every rank's (1/n_tokens-scaled) gradients = the one-process gradient
-            # (under FSDP the backward has reduce-scattered them already).
-            if not self.dist.sharded:
-                self.dist.all_reduce_grads(self.model)
+            # The backward has summed every rank's (1/n_tokens-scaled) gradients already (DDP's
+            # reducer, FSDP's reduce-scatter): the one-process gradient.
             loss = self.dist.sum([loss])[0]
             info_sum = dict(zip(sorted(info_sum), self.dist.sum([info_sum[k] for k in sorted(info_sum)])))
             d_sum, d_n, e_sum = self.dist.sum([div_stats[0], div_stats[1], div_stats[4]])
