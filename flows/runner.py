@@ -27,6 +27,7 @@ import yaml
 from filelock import FileLock, Timeout
 
 from opsd.config import PipelineConfig
+from opsd.device import MemoryWatch, empty_cache, resolve_device
 from opsd.memory import release_free_memory
 from opsd.pool import ModelPool
 from opsd.stages.common import Artifact, StageContext, write_manifest
@@ -93,7 +94,11 @@ class Pipeline:
         logger: Callable[[str], None] | None = None,
     ):
         self._say = logger or (lambda msg: log.info(msg))
-        self.cfg = cfg
+        # the device and every `auto` dtype decided once for the run; the resolved values are
+        # what the stages run with and what enters their keys (opsd.config.resolve_for_device)
+        self.cfg, decisions = cfg.resolved()
+        for line in decisions:
+            self.say(f"device: {line}")
         self.layout = Layout.at(root)
         self.catalog = Catalog(self.layout)
         self.run_id = run_id or new_run_id()
@@ -101,7 +106,7 @@ class Pipeline:
         self._tracking_lost: str | None = None  # why MLflow stopped taking this run's records
         self.tracker = self._open_tracker() if track else None
         self.parent_run_id = parent_run_id
-        self.pool = ModelPool()
+        self.pool = ModelPool(device=resolve_device(self.cfg.device))
         self.show_progress = show_progress
         self.records: list[StageRecord] = []
         self.mlflow_run_id: str | None = None
@@ -283,10 +288,14 @@ class Pipeline:
             tracker, rid = self.tracker, stage_run
             ctx.on_metrics = lambda m, step: tracker.log_metrics(rid, m, step)
         try:
-            manifest = fn(ctx)
+            # the device and its peak memory during the stage go into the manifest (and MLflow)
+            with MemoryWatch(self.pool.device) as mem:
+                manifest = fn(ctx)
             release_free_memory()  # the stage's working buffers, before the next stage's
         except BaseException as err:
             self._stage_failed(label, stage, staging, t0, stage_run, err)
+            empty_cache(self.pool.device)  # and the accelerator's cached blocks
+            manifest = {**manifest, **mem.fields()}
             raise
         manifest = {**manifest, "stage": stage, "label": label, "key": key,
                     "inputs": inputs, "run_id": self.run_id}

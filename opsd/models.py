@@ -198,8 +198,13 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_model(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+def load_model(path: Path, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The model in ``path`` in ``dtype`` on ``device`` (an accelerator's weights are loaded
+    straight onto it, never staged as a full copy in host memory)."""
+    device = torch.device(device)
+    kwargs = {} if device.type == "cpu" else {"device_map": str(device)}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     model.eval()
     return model
 

@@ -76,6 +76,7 @@ class RolloutShard:
     teacher: Policy | None  # guidance / sample_from=teacher
     context: ContextConfig | None
     out_path: Path
+    device: str = "cpu"  # the run's device: a worker loads its models there
 
 
 def write_shard(job: RolloutShard, tokenizer, engine, guide_model=None, progress=None) -> dict:
@@ -111,7 +112,7 @@ def write_shard(job: RolloutShard, tokenizer, engine, guide_model=None, progress
 
 def run_shard(job: RolloutShard) -> dict:
     """:func:`write_shard` in a worker process: models come from the worker's own pool."""
-    pool = worker_pool()
+    pool = worker_pool(job.device)
     cfg = job.cfg
     engine = make_generator(cfg, pool, job.teacher if cfg.sample_from == "teacher" else job.policy)
     guide = pool.inference(job.teacher, cfg.dtype) if cfg.guidance.enabled else None
@@ -155,7 +156,7 @@ def run(
         RolloutShard(cfg, rows[i * cfg.shard_size : (i + 1) * cfg.shard_size], i,
                      shard_seed(cfg.seed, i, f"it{iteration}"), iteration, policy,
                      teacher if (from_teacher or cfg.guidance.enabled) else None, context,
-                     ctx.out_dir / shard_name(i))
+                     ctx.out_dir / shard_name(i), str(ctx.pool.device))
         for i in range(n_shards) if i not in done
     ]
     names = [f"rollout shard {j.shard + 1}/{n_shards}" for j in jobs]

@@ -81,12 +81,12 @@ def dispatch(runner: ShardRunner, jobs: Sequence[Any], names: Sequence[str], *,
 _POOL: ModelPool | None = None
 
 
-def worker_pool() -> ModelPool:
-    """This worker process's models, kept between the shards it runs (a process or Ray worker
-    loads each model once, not once per shard)."""
+def worker_pool(device: str = "cpu") -> ModelPool:
+    """This worker process's models on ``device`` (the run's, carried by the job), kept between
+    the shards it runs (a process or Ray worker loads each model once, not once per shard)."""
     global _POOL
-    if _POOL is None:
-        _POOL = ModelPool()
+    if _POOL is None or str(_POOL.device) != str(device):
+        _POOL = ModelPool(device=device)
     return _POOL
 
 
