@@ -292,10 +292,10 @@ class Pipeline:
             with MemoryWatch(self.pool.device) as mem:
                 manifest = fn(ctx)
             release_free_memory()  # the stage's working buffers, before the next stage's
-        except BaseException as err:
-            self._stage_failed(label, stage, staging, t0, stage_run, err)
             empty_cache(self.pool.device)  # and the accelerator's cached blocks
             manifest = {**manifest, **mem.fields()}
+        except BaseException as err:
+            self._stage_failed(label, stage, staging, t0, stage_run, err)
             raise
         manifest = {**manifest, "stage": stage, "label": label, "key": key,
                     "inputs": inputs, "run_id": self.run_id}
