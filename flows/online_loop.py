@@ -192,6 +192,17 @@ class OnlineLoop:
             how = res.scorer.update_weights(src, weights_key=f"{self.kind.name}-{res.state_key}")
             res.engine_loads[f"teacher.{how}"] = res.engine_loads.get(f"teacher.{how}", 0) + 1
             self.p.say(f"online: vLLM teacher engine took the new {self.kind.name} weights ({how})")
+        for engine in (res.generator, res.scorer):  # colocated engines that took no new weights
+            getattr(engine, "wake_up", lambda: None)()
+
+    def _sleep_engines(self) -> None:
+        """Colocated vLLM engines (``vllm.colocate``) give the GPU to the trainer's step; an
+        engine whose weights the step replaces drops them instead of offloading them."""
+        res = self.res
+        follows = self.kind.new_weights(res.master, res.ema) is not None
+        for engine, new_weights in ((res.generator, True), (res.scorer, follows)):
+            if getattr(engine, "sleep", None) and engine.sleep(new_weights):
+                res.engine_loads["slept"] = res.engine_loads.get("slept", 0) + 1
 
     # ------------------------------------------------------------------ exposure
 
@@ -305,6 +316,7 @@ class OnlineLoop:
             # its weights are rebuilt from the master after the step anyway (_sync_copies):
             # free them for the step, whose memory peak is the run's
             release_packed(res.infer)
+        self._sleep_engines()
         stats = train_stage.online_steps(
             res.trainer, self.cfg.train, rollouts, targets, iteration,
             self.cfg.online.steps_per_iteration, rows=self.train_rows,
@@ -321,7 +333,7 @@ class OnlineLoop:
         t0 = time.perf_counter()
         stats = self._train_steps(rollouts, targets, iteration)
         return train_stage.online_manifest(stats, self.cfg.train, iteration,
-                                           time.perf_counter() - t0, ctx)
+                                           time.perf_counter() - t0, ctx, self.res.trainer)
 
     def record(self, key: str, rollouts: Artifact, targets: Artifact, iteration: int, *,
                trained_here: bool) -> None:

@@ -263,6 +263,15 @@ class VLLMEngineConfig(_Strict):
         None, gt=0.0, description="KV cache size in GiB (None: 2 GiB on CPU; on GPU sized from "
         "gpu_memory_utilization)."
     )
+    colocate: bool = RunOnly(
+        False,
+        description="Online mode on one GPU: the engine shares the device with the trainer. It "
+        "sleeps while the trainer steps (vLLM sleep mode: KV cache freed, weights dropped when "
+        "new ones follow, else offloaded to host memory), wakes up and takes the new weights in "
+        "place, and its gpu_memory_utilization is lowered so that the trainer's resident fp32 "
+        "weights and AdamW moments (12 bytes per parameter) fit beside it. CUDA only: on CPU "
+        "vLLM the flag is logged and ignored (no sleep mode there).",
+    )
 
     @model_validator(mode="after")
     def _dp_needs_launcher(self) -> "VLLMEngineConfig":

@@ -95,8 +95,13 @@ def engine_settings(cfg, *, max_logprobs: int | None = None,
     opt = {name: getattr(src, name, getattr(defaults, name))
            for name in VLLMEngineConfig.model_fields}
     cpu = _on_cpu() if on_cpu is None else bool(on_cpu)
+    dtype = getattr(cfg, "dtype", "float32")
+    if dtype == "auto":  # opsd's auto (the device's fast dtype), not vLLM's (the checkpoint's)
+        from opsd.device import auto_dtype
+
+        dtype = auto_dtype(torch.device("cpu" if cpu else "cuda")).dtype
     kw: dict[str, Any] = {
-        "dtype": getattr(cfg, "dtype", "float32"),
+        "dtype": dtype,
         "tensor_parallel_size": int(opt["tensor_parallel_size"]),
         "gpu_memory_utilization": float(opt["gpu_memory_utilization"]),
         "enforce_eager": bool(opt["enforce_eager"] if opt["enforce_eager"] is not None else cpu),
@@ -115,7 +120,37 @@ def engine_settings(cfg, *, max_logprobs: int | None = None,
         kw["kv_cache_memory_bytes"] = int(float(kv_gib) * 2**30)
     if max_logprobs is not None and max_logprobs > 20:
         kw["max_logprobs"] = int(max_logprobs)
+    if opt["colocate"]:
+        if cpu:
+            log.info("vllm.colocate: no sleep mode on CPU vLLM; the engine stays up")
+        else:
+            kw["enable_sleep_mode"] = True
     return kw
+
+
+def colocated_utilization(requested: float, trainer_params: int, total_bytes: int,
+                          engines: int = 1, reserve: float = 0.05) -> float:
+    """The ``gpu_memory_utilization`` an engine may take beside a trainer on the same GPU.
+
+    While an engine is awake the trainer holds its fp32 weights and AdamW moments (12 bytes per
+    parameter; gradients are freed after every step); its activations come and go while the
+    engines sleep. Of what is left, minus a ``reserve`` share, each of ``engines`` engines gets
+    an equal part, and never more than ``requested``."""
+    left = 1.0 - 12 * trainer_params / total_bytes - reserve
+    return max(0.05, min(requested, left / max(1, engines)))
+
+
+def checkpoint_params(path: Path) -> int:
+    """Parameter count of the safetensors checkpoint in ``path`` (headers only, no weights)."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():
+                shape = h.get_slice(name).get_shape()
+                n += int(torch.tensor(shape).prod()) if shape else 1
+    return n
 
 
 class _Engine:
@@ -197,6 +232,34 @@ class _Engine:
     def _rebuild(self, path: Path) -> None:
         self.shutdown()
         self.llm = self._build(path)
+        self.asleep = None
+
+    # --------------------------------------------------------------- colocated with a trainer
+
+    asleep: int | None = None  # the sleep level while the engine sleeps
+
+    @property
+    def can_sleep(self) -> bool:
+        return bool(self.kwargs.get("enable_sleep_mode"))
+
+    def sleep(self, level: int) -> bool:
+        """Free the GPU for the trainer: level 1 offloads the weights to host memory and drops
+        the KV cache; level 2 drops both (new weights follow). False where the engine has no
+        sleep mode (CPU vLLM, colocate off)."""
+        if not self.can_sleep or self.llm is None or self.asleep is not None:
+            return False
+        self.llm.sleep(level=level)
+        self.asleep = level
+        return True
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Reallocate what sleep freed (``tags``: ``["weights"]`` first, to load new weights
+        into before the KV cache comes back; None: everything)."""
+        if self.asleep is None or self.llm is None:
+            return
+        self.llm.wake_up(tags=tags)
+        if tags is None or "kv_cache" in tags:
+            self.asleep = None
 
     def _forget_tmp(self, keep: int) -> None:
         while len(self._tmp) > keep:
@@ -280,6 +343,20 @@ def _engine_for(role: str, policy, kwargs: dict[str, Any]) -> tuple[_Engine, str
     return eng, eng.load_folder(Path(policy.path), policy.key)
 
 
+def _fit_beside_trainer(kwargs: dict[str, Any], policy) -> None:
+    """Colocated (sleep mode on): lower ``gpu_memory_utilization`` so the trainer's resident
+    state fits beside the engine (:func:`colocated_utilization`; the two roles share what is
+    left)."""
+    if not kwargs.get("enable_sleep_mode"):
+        return
+    total = torch.cuda.mem_get_info()[1]
+    want = kwargs["gpu_memory_utilization"]
+    kwargs["gpu_memory_utilization"] = colocated_utilization(
+        want, checkpoint_params(Path(policy.path)), total, engines=2)
+    log.info("vllm.colocate: gpu_memory_utilization %.3f -> %.3f beside the trainer", want,
+             kwargs["gpu_memory_utilization"])
+
+
 def close_all() -> None:
     """Shut down every engine this process started (frees the worker processes)."""
     while _LIVE:
@@ -333,6 +410,7 @@ class VLLMGenerator:
             # budget must then cover the longest sequence.
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(4096, _model_len(policy.path, kwargs))
+        _fit_beside_trainer(kwargs, policy)
         eng, how = _engine_for("rollout", policy, kwargs)
         log.info("rollout engine for %s (%s): %s", policy.label or policy.key, policy.path, how)
         return cls(eng, started=how)
@@ -397,13 +475,22 @@ class VLLMGenerator:
         model; no restart) or ``"rebuild"`` (that failed; the engine was restarted
         on a checkpoint folder).
         """
+        self.engine.wake_up(["weights"])  # colocated: weight buffers back before they are filled
         if isinstance(model, (str, os.PathLike)):
             how = self.engine.load_folder(Path(model), weights_key)
         else:
             how = self.engine.load_module(model, weights_key)
+        self.engine.wake_up()
         self.last_load = how
         log.info("rollout engine weights updated via %s", how)
         return how
+
+    def sleep(self, new_weights_follow: bool = True) -> bool:
+        """Colocated mode: give the GPU to the trainer (see :meth:`_Engine.sleep`)."""
+        return self.engine.sleep(2 if new_weights_follow else 1)
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
 
     def close(self) -> None:
         for k, v in list(_LIVE.items()):
@@ -445,6 +532,7 @@ class VLLMScorer:
             # for privileged contexts of a few hundred tokens. 32 is the smallest size the
             # CPU attention kernels run at full speed.
             kwargs["block_size"] = 32
+        _fit_beside_trainer(kwargs, policy)
         eng, how = _engine_for("teacher", policy, kwargs)
         log.info("teacher engine for %s (%s): %s", policy.label or policy.key, policy.path, how)
         return cls(eng, batch_size=max(256, int(getattr(cfg, "batch_size", 32))),
@@ -456,12 +544,21 @@ class VLLMScorer:
 
     def update_weights(self, model, weights_key: str | None = None) -> str:
         """As :meth:`VLLMGenerator.update_weights` (live / EMA teachers)."""
+        self.engine.wake_up(["weights"])
         if isinstance(model, (str, os.PathLike)):
             how = self.engine.load_folder(Path(model), weights_key)
         else:
             how = self.engine.load_module(model, weights_key)
+        self.engine.wake_up()
         self.last_load = how
         return how
+
+    def sleep(self, new_weights_follow: bool = False) -> bool:
+        """Colocated mode: give the GPU to the trainer (see :meth:`_Engine.sleep`)."""
+        return self.engine.sleep(2 if new_weights_follow else 1)
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
 
     def score(
         self,
