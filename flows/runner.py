@@ -34,7 +34,8 @@ from opsd.stages.common import Artifact, StageContext, write_manifest
 from opsd.storage.catalog import Catalog
 from opsd.flows.track import GuardedTracker, catch_up_lost
 from opsd.storage.integrity import check_artifact
-from opsd.storage.layout import Layout, artifact_digest, canonical_json, disk_full, stage_key
+from opsd.storage.layout import (Layout, artifact_digest, canonical_json, disk_full,
+                                 drop_partial_writes, stage_key)
 from opsd.storage.tracking import Tracker, flatten
 
 log = logging.getLogger("opsd")
@@ -146,6 +147,7 @@ class Pipeline:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
         for dead in self.catalog.reap_dead_runs():
             self.say(f"run {dead} had died without finishing (killed); marked as such")
+        self.layout.clear_trash()  # replaced artifacts a killed publish had not yet deleted
         existing = self.catalog.run(self.run_id)
         if existing is None:
             self.catalog.start_run(self.run_id, self.cfg.name, self.cfg.mode, cfg_dict,
@@ -300,6 +302,10 @@ class Pipeline:
         manifest = {**manifest, "stage": stage, "label": label, "key": key,
                     "inputs": inputs, "run_id": self.run_id}
         try:
+            # a killed attempt's half-written temporaries (a resume point, a shard) are no part
+            # of the artifact
+            for leftover in drop_partial_writes(staging):
+                self.say(f"stage {label}: dropped {leftover}, left by an interrupted write")
             write_manifest(staging, manifest)
             # Announce, move, confirm: a kill at any point leaves either no folder or a folder
             # the catalog knows as 'publishing' (never reused; the next run recomputes and

@@ -110,6 +110,17 @@ class Layout:
     def staging_dir(self, stage: str, key: str) -> Path:
         return self.tmp / f"{stage}-{key}"
 
+    def clear_trash(self) -> list[Path]:
+        """Remove what a killed publish left in ``tmp/``: the previous version of a recomputed
+        artifact, moved aside (``trash-<stage>-<key>-<pid>``) but not yet deleted."""
+        gone = []
+        for d in self.tmp.glob("trash-*"):
+            pid = d.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(d, ignore_errors=True)
+                gone.append(d)
+        return gone
+
     def run_dir(self, run_id: str) -> Path:
         return self.runs / check_run_id(run_id)
 
@@ -141,6 +152,35 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# opsd's atomic writers name their temporaries "<name>.tmp-<pid or hex>" and a replaced version
+# "<name>.old-<pid>" (this module, storage.parquet, training.state, models): a killed write
+# leaves one behind in a staging folder, where it must not become part of the artifact.
+_PARTIAL = re.compile(r".+\.(tmp|old)-[0-9a-f]+")
+
+
+def drop_partial_writes(folder: Path) -> list[str]:
+    """Delete the leftovers of writes cut short inside ``folder``; returns their paths."""
+    found = sorted((p for p in folder.rglob("*") if _PARTIAL.fullmatch(p.name)),
+                   key=lambda p: len(p.parts))
+    gone = []
+    for p in found:
+        if not p.exists() and not p.is_symlink():  # inside a folder already removed
+            continue
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        gone.append(str(p.relative_to(folder)))
+    return gone
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -164,3 +164,20 @@ def test_check_artifact_of_an_older_catalog_row_uses_the_folder_hash(tmp_path):
     assert check_artifact(record) == []
     _flip_bit(art.path / "part-00000.parquet")
     assert "differ" in check_artifact(record)[0].problem
+
+
+def test_leftovers_of_an_interrupted_write_are_not_published(tmp_path):
+    """A killed attempt leaves "<name>.tmp-<pid>" temporaries (a shard, a resume point) in the
+    staging folder; the artifact published by the rerun does not contain them."""
+
+    def stage_fn(ctx):
+        (ctx.out_dir / ".part-00001.parquet.tmp-4242").write_bytes(b"half a shard")
+        (ctx.out_dir / "resume.tmp-4242").mkdir()
+        (ctx.out_dir / "resume.tmp-4242" / "model.safetensors").write_bytes(b"half")
+        return Counter()(ctx)
+
+    p = _pipeline(tmp_path)
+    art = p.stage("rollout", "rollout", {"n": 1}, {}, stage_fn)
+    names = sorted(x.name for x in art.path.rglob("*"))
+    assert not [n for n in names if "tmp-" in n], names
+    assert verify_root(Layout.at(tmp_path)).ok
