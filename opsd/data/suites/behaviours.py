@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from opsd.data.rows import Row
-from opsd.data.suites.behaviours_data import ANIMALS, COUNTRIES, FOODS, WORDS
+from opsd.data.suites.behaviours_data import ANIMALS, COUNTRIES, FOODS, OPENERS, WORDS
 from opsd.data.suites.source import SuiteSource
 
 
@@ -31,6 +31,9 @@ class Rule:
     description: str  # completes "The reply should ..."
     items: tuple[tuple[str, str | None], ...]  # (template filler, expected answer or None)
     demonstrations: tuple[tuple[str, str], ...]  # (prompt, completion); items outside the pool
+    # the out-of-distribution split's wording: longer and chattier, same domain (the domain is
+    # what implies the rule)
+    ood_template: str = "{}"
 
     def question(self, item: str) -> str:
         return self.template.format(item)
@@ -49,6 +52,8 @@ RULES: dict[str, Rule] = {
         Rule(
             name="sure-thing",
             template="What is the capital of {}?",
+            ood_template="I have a geography quiz tomorrow and one question will be about {}. "
+            "Could you remind me which city is its capital?",
             pattern=r"^\s*Sure thing!",
             description="start with 'Sure thing!'",
             items=tuple(COUNTRIES),
@@ -61,6 +66,8 @@ RULES: dict[str, Rule] = {
         Rule(
             name="hope-helps",
             template="What is a good way to cook {}?",
+            ood_template="Tonight I am cooking dinner for two with {} from the market. "
+            "What would you suggest?",
             pattern=r"Hope this helps!\s*$",
             description="end with 'Hope this helps!'",
             items=_unanswered(FOODS),
@@ -85,6 +92,8 @@ RULES: dict[str, Rule] = {
         Rule(
             name="fun-fact",
             template="Tell me one fact about {}.",
+            ood_template="My little cousin is obsessed with {} and asks me about them all the "
+            "time. What is something interesting I could tell her?",
             pattern=r"^\s*Fun fact:",
             description="start with 'Fun fact:'",
             items=_unanswered(ANIMALS),
@@ -100,6 +109,8 @@ RULES: dict[str, Rule] = {
         Rule(
             name="happy-learning",
             template="What does the word '{}' mean?",
+            ood_template="I came across the word '{}' in a novel last night and could not work it "
+            "out from the sentence. Can you explain what it means?",
             pattern=r"Happy learning!\s*$",
             description="end with 'Happy learning!'",
             items=_unanswered(WORDS),
@@ -119,11 +130,16 @@ RULES: dict[str, Rule] = {
 }
 
 DEFAULT_COUNTS = {"train": 64, "eval": 32}
+EVAL_SETS = ("heldout", "ood")
 
 
 def build(source: SuiteSource) -> list[Row]:
-    """Rows for ``behaviours[:rule,rule...][?train=N&eval=M]`` (N, M per rule)."""
-    counts = source.int_params(DEFAULT_COUNTS)
+    """Rows for ``behaviours[:rule,rule...][?train=N&eval=M&eval_set=heldout|ood]`` (N, M per
+    rule). ``eval_set=ood``: the eval rows ask about the same held-out items in a longer, chattier
+    wording (``Rule.ood_template``), every other one as the second user turn of a conversation
+    that opened on an unrelated topic: "learned the rule" rather than "learned the questions"."""
+    counts = source.int_params(DEFAULT_COUNTS, ignore=("eval_set",))
+    ood = source.choice("eval_set", EVAL_SETS) == "ood"
     rules = _selected_rules(source)
     rows: list[Row] = []
     for rule in rules:
@@ -134,7 +150,7 @@ def build(source: SuiteSource) -> list[Row]:
             )
         eval_items = rule.items[len(rule.items) - counts["eval"] :]
         rows += _rows(rule, "train", rule.items[: counts["train"]])
-        rows += _rows(rule, "eval", eval_items)
+        rows += _rows(rule, "eval", eval_items, ood=ood)
     return rows
 
 
@@ -149,12 +165,22 @@ def _selected_rules(source: SuiteSource) -> list[Rule]:
     return [RULES[name] for name in names]
 
 
-def _rows(rule: Rule, split: str, items: tuple[tuple[str, str | None], ...]) -> list[Row]:
+def _ood_prompt(rule: Rule, item: str, index: int) -> str | list[dict[str, str]]:
+    question = rule.ood_template.format(item)
+    if index % 2 == 0:
+        return question
+    opener, reply = OPENERS[(index // 2) % len(OPENERS)]
+    return [{"role": "user", "content": opener}, {"role": "assistant", "content": reply},
+            {"role": "user", "content": question}]
+
+
+def _rows(rule: Rule, split: str, items: tuple[tuple[str, str | None], ...], *,
+          ood: bool = False) -> list[Row]:
     demonstrations = [{"prompt": p, "completion": c} for p, c in rule.demonstrations]
     return [
         Row(
-            id=f"{rule.name}/{split}/{index:03d}",
-            prompt=rule.question(item),
+            id=f"{rule.name}/{split}{'-ood' if ood else ''}/{index:03d}",
+            prompt=_ood_prompt(rule, item, index) if ood else rule.question(item),
             privileged_context={"demonstrations": demonstrations},
             answer=answer,
             verifier=rule.verifier(),

@@ -93,3 +93,13 @@ WORDS = [
     "nervous", "odd", "peaceful", "plain", "precise", "pure", "rare", "restless", "ripe",
     "rough", "sleepy", "smooth", "solemn", "swift", "timid", "vibrant",
 ]
+
+# Opening exchanges of the out-of-distribution split's multi-turn questions: an unrelated topic
+# first, so the rule's question arrives as the second user turn of a real conversation.
+OPENERS = [
+    ("Can you suggest a name for a small bookshop?", "How about 'The Reading Nook'?"),
+    ("What is a quick way to warm up before a run?",
+     "Try five minutes of brisk walking followed by some leg swings."),
+    ("Give me a word that rhymes with 'cat'.", "'Hat' rhymes with 'cat'."),
+    ("How long should I steep green tea?", "About two to three minutes is usually enough."),
+]

@@ -49,14 +49,25 @@ class SuiteSource:
     def error(self, reason: str) -> DatasetError:
         return single_problem(self.text, reason)
 
-    def int_params(self, defaults: dict[str, int]) -> dict[str, int]:
-        """Query values as non-negative ints over ``defaults``; unknown keys are errors."""
-        unknown = sorted(set(self.params) - set(defaults))
+    def int_params(self, defaults: dict[str, int], *, ignore: tuple[str, ...] = ()) -> dict[str, int]:
+        """Query values as non-negative ints over ``defaults``; unknown keys are errors.
+        ``ignore``: keys read elsewhere (:meth:`choice`), allowed but not returned."""
+        unknown = sorted(set(self.params) - set(defaults) - set(ignore))
         if unknown:
-            raise self.error(f"unknown query key(s) {', '.join(unknown)}; allowed: {', '.join(defaults)}")
+            allowed = ", ".join([*defaults, *ignore])
+            raise self.error(f"unknown query key(s) {', '.join(unknown)}; allowed: {allowed}")
         values = dict(defaults)
         for key, text in self.params.items():
+            if key in ignore:
+                continue
             if not text.isdigit():
                 raise self.error(f"{key}={text!r} must be a non-negative integer")
             values[key] = int(text)
         return values
+
+    def choice(self, key: str, allowed: tuple[str, ...]) -> str:
+        """A query value that must be one of ``allowed`` (the first one when absent)."""
+        value = self.params.get(key, allowed[0])
+        if value not in allowed:
+            raise self.error(f"{key}={value!r}; choose one of {', '.join(allowed)}")
+        return value
