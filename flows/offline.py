@@ -3,6 +3,8 @@
 dataset → evaluate(before) → evaluate(teacher) → rollout → [summarise] → teacher → train
         → evaluate(after) → [retention]
 
+Every evaluation also scores the ``eval.benchmarks`` panel (one evaluate stage per benchmark).
+
 Rollouts are sampled once from the initial student and teacher targets are
 precomputed once to Parquet; training then runs any number of epochs (and any
 number of objective variants) over them. Each stage is a Prefect task; whether
@@ -44,6 +46,12 @@ def evaluate_task(p: Pipeline, rows, data, policy, label, with_context, force):
                                force=label in force)
 
 
+@task(name="benchmarks", task_run_name="benchmarks/{name}", **TASK_OPTS)
+def benchmarks_task(p: Pipeline, policy, name, with_context, force):
+    return steps.benchmark_steps(p, policy, name, with_context=with_context,
+                                 force=f"evaluate/{name}" in force)
+
+
 @task(name="rollout", **TASK_OPTS)
 def rollout_task(p: Pipeline, rows, data, policy, teacher, start_at, force, shards=None):
     return steps.rollout_step(p, rows, data, policy, teacher=teacher, force="rollout" in force,
@@ -72,8 +80,8 @@ def train_task(p: Pipeline, rollouts, targets, init, start_at, force, teacher=No
 
 
 @task(name="retention", **TASK_OPTS)
-def retention_task(p: Pipeline, base, policy, force):
-    return steps.retention_step(p, base, policy, force="retention" in force)
+def retention_task(p: Pipeline, base, policy, force, rows=None):
+    return steps.retention_step(p, base, policy, force="retention" in force, rows=rows)
 
 
 @flow(name="opsd-offline", persist_result=False, log_prints=True)
@@ -100,8 +108,10 @@ def offline_flow(
     with p.failing_on_error():
         data = dataset_task(p, rows, start_at, force)
         evals = {"before": evaluate_task(p, rows, data, student, "evaluate/before", False, force)}
+        panels = {"before": benchmarks_task(p, student, "before", False, force)}
         if cfg.eval.teacher_ceiling:
             evals["teacher"] = evaluate_task(p, rows, data, teacher, "evaluate/teacher", True, force)
+            panels["teacher"] = benchmarks_task(p, teacher, "teacher", True, force)
         # One shard runner (runner.kind) for both sharded stages; closed before training, so
         # worker processes / a local Ray instance and their model copies are gone by then.
         with shard_runner(cfg.runner) as shards:
@@ -110,8 +120,12 @@ def offline_flow(
             targets = teacher_task(p, rows, data, rollouts, teacher, skills, start_at, force,
                                    shards)
         steps.release_engines(cfg)
-        _, trained = train_task(p, rollouts, targets, student, start_at, force, teacher, rows)
+        train_art, trained = train_task(p, rollouts, targets, student, start_at, force, teacher,
+                                        rows)
         evals["after"] = evaluate_task(p, rows, data, trained, "evaluate/after", False, force)
-        retention = retention_task(p, student, trained, force)
+        panels["after"] = benchmarks_task(p, trained, "after", False, force)
+        retention = retention_task(p, student, trained, force, rows)
         return finish_report(p, evals, rollouts=rollouts, targets=targets,
-                             extra=retention_stage.headline(retention))
+                             extra={**retention_stage.headline(retention),
+                                    **steps.train_headline(train_art)},
+                             benchmarks=panels, notes=steps.train_notes(train_art))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from opsd.flows.runner import Pipeline
-from opsd.flows.steps import headline_metrics
+from opsd.flows.steps import benchmark_metrics, headline_metrics
 from opsd.stages.common import Artifact
 
 log = logging.getLogger("opsd")
@@ -31,13 +31,40 @@ def compliance_table(evals: dict[str, Artifact]) -> str:
     return "\n".join(lines)
 
 
+def benchmark_table(panels: dict[str, dict[str, Artifact]]) -> str:
+    """Plain-text table: one row per benchmark, greedy pass % per evaluated policy and after − before."""
+    names = [n for n in ("before", "after", "teacher") if n in panels]
+    benches = list(dict.fromkeys(b for n in names for b in panels[n]))
+    if not benches:
+        return ""
+    width = max(len("benchmark"), *(len(b) for b in benches))
+    lines = ["  ".join([f"{'benchmark':<{width}}"] + [f"{n:>9}" for n in names] + [f"{'after-before':>13}"])]
+    for b in benches:
+        vals = {n: panels[n][b].manifest.get("greedy_macro") if b in panels[n] else None for n in names}
+        cells = [f"{v * 100:8.1f}%" if v is not None else f"{'-':>9}" for v in vals.values()]
+        delta = (f"{(vals['after'] - vals['before']) * 100:+12.1f}p"
+                 if vals.get("after") is not None and vals.get("before") is not None else f"{'-':>13}")
+        lines.append("  ".join([f"{b:<{width}}"] + cells + [delta]))
+    return "\n".join(lines)
+
+
 def finish_report(p: Pipeline, evals: dict[str, Artifact], *, rollouts: Artifact | None = None,
-                  targets: Artifact | None = None, extra: dict[str, float] | None = None) -> dict:
+                  targets: Artifact | None = None, extra: dict[str, float] | None = None,
+                  benchmarks: dict[str, dict[str, Artifact]] | None = None,
+                  notes: list[str] | None = None) -> dict:
+    """``benchmarks``: policy name → benchmark name → evaluate artifact (eval.benchmarks);
+    ``notes``: sentences printed under the tables (e.g. that training ended still improving)."""
     from opsd.flows.plots import compliance_figure, log_position_gap
 
     metrics = headline_metrics(evals)
+    metrics.update(benchmark_metrics(benchmarks or {}))
     metrics.update(extra or {})
     table = compliance_table(evals)
+    panel = benchmark_table(benchmarks or {})
+    if panel:
+        table += "\n\nbenchmarks (held-out greedy pass rate)\n" + panel
+    if notes:
+        table += "\n\n" + "\n".join(notes)
     # one line in the run log (Prefect UI); the table itself is printed once, below
     p.say("held-out greedy compliance: " + ", ".join(
         f"{name} {metrics[f'eval.{name}.greedy']:.3f}" for name in evals

@@ -14,11 +14,11 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from opsd import teachers
-from opsd.config import ConfigError, PipelineConfig, config_from_dict
+from opsd.config import BenchmarkConfig, ConfigError, PipelineConfig, config_from_dict
 from opsd.context.builders import dynamic_views, needs_dynamic, usage, views_key
 from opsd.context.render import build_context, check_length, student_ids, student_turn_ids
 from opsd.context.render import teacher_ids
-from opsd.data import rows_to_table
+from opsd.data import load_rows, rows_to_table
 from opsd.data.rows import Row
 from opsd.flows.plots import log_eval_table, log_training_curves
 from opsd.flows.runner import Pipeline, config_for_key
@@ -110,11 +110,14 @@ def preflight(cfg: PipelineConfig, rows: list[Row], student: Policy, teacher: Po
     chat templates exist and every prompt (student, and teacher with its static privileged
     context) plus the longest reply fits the model's context window."""
     check_runner(cfg)
+    # benchmarks load here too: a bad source or an over-long row fails before any compute
+    panels = [(b, benchmark_rows(cfg, b)) for b in cfg.eval.benchmarks]
     for policy, who in ((student, "student"), (teacher, "teacher")):
         tok = load_tokenizer(policy.path)
         limit = getattr(AutoConfig.from_pretrained(policy.path), "max_position_embeddings", None)
         reply = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
-        for row in rows:
+        checked = rows + [r for b, brows in panels if who == "student" or b.teacher for r in brows]
+        for row in checked:
             if who == "student":
                 ids = student_ids(tok, row)
             else:
@@ -137,14 +140,7 @@ def check_runner(cfg: PipelineConfig) -> None:
 
 def dataset_step(p: Pipeline, rows: list[Row], *, force=False, require_cached=False) -> Artifact:
     # The key hashes the validated rows themselves: any edit to the file changes it.
-    table = rows_to_table(rows)
-    digest = hashlib.sha256()
-    for col in table.columns:
-        for chunk in col.chunks:
-            for buf in chunk.buffers():
-                if buf is not None:
-                    digest.update(buf)
-    cfg = {"rows_sha256": digest.hexdigest()[:16], "count": len(rows)}
+    cfg = {"rows_sha256": rows_digest(rows), "count": len(rows)}
     return p.stage(
         "dataset", "dataset", cfg, {},
         lambda ctx: dataset_stage.run(p.cfg.data, rows, ctx),
@@ -311,34 +307,94 @@ def evaluate_step(p: Pipeline, rows: list[Row], data: Artifact, policy: Policy, 
                   with_context: bool = False, force=False, engine=None) -> Artifact:
     """``engine``: a resident generator (online: the student's sampling copy, caught up)."""
     eval_rows = [r for r in rows if r.split == "eval"]
+    return _evaluate(p, eval_rows, {"dataset": data.key, "policy": policy.key}, policy,
+                     label=label, sample_label=label.split("/")[-1], with_context=with_context,
+                     force=force, engine=engine)
+
+
+def _evaluate(p: Pipeline, eval_rows: list[Row], inputs: dict[str, str], policy: Policy, *,
+              label: str, sample_label: str, with_context: bool, force: bool, engine=None,
+              extra_key: dict | None = None) -> Artifact:
     cfg = config_for_key(p.cfg.eval)
+    cfg.update(extra_key or {})
     ctx_cfg = p.cfg.teacher.context if with_context else None
     cfg["with_context"] = config_for_key(ctx_cfg) if ctx_cfg is not None else None
     return p.stage(
-        label, "evaluate", cfg, {"dataset": data.key, "policy": policy.key},
-        lambda ctx: evaluate_stage.run(p.cfg.eval, eval_rows, policy, ctx, label=label.split("/")[-1],
+        label, "evaluate", cfg, inputs,
+        lambda ctx: evaluate_stage.run(p.cfg.eval, eval_rows, policy, ctx, label=sample_label,
                                        with_context=ctx_cfg, backend=p.cfg.rollout.backend,
                                        engine=_resolve(engine)),
         force=force, after=lambda art, run: log_eval_table(p, art, run),
     )
 
 
+def benchmark_rows(cfg: PipelineConfig, bench: BenchmarkConfig) -> list[Row]:
+    """The scored rows of one benchmark: its eval split (rows with a verifier), up to ``limit``."""
+    rows = [r for r in load_rows(bench.source, seed=cfg.data.seed)
+            if r.split == "eval" and r.verifier is not None]
+    if not rows:
+        raise ConfigError(f"eval.benchmarks: {bench.source!r} has no eval rows with a verifier")
+    return rows[: bench.limit] if bench.limit else rows
+
+
+def rows_digest(rows: list[Row]) -> str:
+    """Content hash of validated rows (any edit to a row changes it)."""
+    table = rows_to_table(rows)
+    digest = hashlib.sha256()
+    for col in table.columns:
+        for chunk in col.chunks:
+            for buf in chunk.buffers():
+                if buf is not None:
+                    digest.update(buf)
+    return digest.hexdigest()[:16]
+
+
+def benchmark_steps(p: Pipeline, policy: Policy, name: str, *, with_context: bool = False,
+                    force=False, engine=None) -> dict[str, Artifact]:
+    """Score ``policy`` (called ``name``: before, after, teacher) on every ``eval.benchmarks``
+    entry — with its privileged context only on those marked ``teacher``. One evaluate stage per
+    benchmark (label ``evaluate/<name>/<benchmark>``), keyed by the benchmark's rows, so adding a
+    benchmark to a recipe reuses the others. Returns benchmark name → artifact."""
+    out: dict[str, Artifact] = {}
+    for bench in p.cfg.eval.benchmarks:
+        if with_context and not bench.teacher:
+            continue
+        rows = benchmark_rows(p.cfg, bench)
+        out[bench.label] = _evaluate(
+            p, rows, {"benchmark": rows_digest(rows), "policy": policy.key}, policy,
+            label=f"evaluate/{name}/{bench.label}", sample_label=f"{name}:{bench.label}",
+            with_context=with_context, force=force, engine=engine,
+            extra_key={"benchmark": bench.source, "limit": bench.limit})
+    return out
+
+
 def retention_step(p: Pipeline, base: Policy, policy: Policy, *, label="retention",
-                   force=False) -> Artifact | None:
+                   force=False, rows: list[Row] | None = None) -> Artifact | None:
     """Forgetting check of ``policy`` against the ``base`` model (None when retention is off).
-    The base model's replies are their own artifact, shared by every run on that base."""
+    The base model's references are their own artifact, shared by every run on that base.
+    ``rows``: the run's dataset; its train rows' regex verifiers are the taught rules whose
+    spans retention leaves out (their patterns enter the key)."""
     rc = p.cfg.retention
     if not rc.enabled:
         return None
     cfg = config_for_key(rc)
+    taught = retention_stage.taught_rules(rows or [])
     base_art = p.stage(f"{label}/base", "retention_base", cfg, {"policy": base.key},
                        lambda ctx: retention_stage.base_run(rc, base, ctx))
-    art = p.stage(label, "retention", cfg, {"base": base_art.key, "policy": policy.key},
-                  lambda ctx: retention_stage.run(rc, base_art, policy, ctx), force=force)
+    key = {**cfg, "taught": sorted(f"{r.flags}/{r.pattern}" for r in taught)}
+    art = p.stage(label, "retention", key, {"base": base_art.key, "policy": policy.key},
+                  lambda ctx: retention_stage.run(rc, base_art, policy, ctx, taught), force=force)
     m = art.manifest
-    p.say(f"stage {label}: mean log-likelihood of the base model's greedy replies "
-          f"{m['logprob']:.3f} (base {m['base_logprob']:.3f}, delta {m['logprob_delta']:+.3f}); "
-          f"greedy exact match {m['exact_match'] * 100:.1f}%")
+    msg = (f"stage {label}: log-likelihood of the base model's greedy replies delta "
+           f"{m['logprob_delta']:+.3f} ({m.get('logprob_delta_untaught', float('nan')):+.3f} "
+           f"without taught spans); exact match {m['exact_match'] * 100:.1f}% "
+           f"({m.get('exact_match_untaught', 0.0) * 100:.1f}% without taught spans)")
+    if m.get("text_logprob_delta") is not None:
+        msg += f"; reference text delta {m['text_logprob_delta']:+.3f} nats/token"
+    if m.get("panel_delta") is not None:
+        msg += (f"; general panel {m['panel_base'] * 100:.1f}% -> {m['panel'] * 100:.1f}% "
+                f"({m['panel_delta'] * 100:+.1f} points)")
+    p.say(msg)
     return art
 
 
@@ -355,6 +411,48 @@ def headline_metrics(evals: dict[str, Artifact]) -> dict[str, float]:
             if key.endswith("_macro") and key != "greedy_macro":
                 out[metric_name(f"eval.{name}.{key[:-6]}")] = float(v)
     return out
+
+
+def benchmark_metrics(panels: dict[str, dict[str, Artifact]]) -> dict[str, float]:
+    """``eval.<policy>.<benchmark>.greedy`` (macro over the benchmark's tasks; per task too when it
+    has several) and ``eval.delta.<benchmark>.greedy`` = after − before."""
+    out: dict[str, float] = {}
+    for name, arts in panels.items():
+        for bench, art in arts.items():
+            m = art.manifest
+            if "greedy_macro" not in m:
+                continue
+            out[metric_name(f"eval.{name}.{bench}.greedy")] = float(m["greedy_macro"])
+            if len(m.get("greedy", {})) > 1:
+                for task, v in m["greedy"].items():
+                    out[metric_name(f"eval.{name}.{bench}.greedy.{task}")] = float(v)
+    before, after = panels.get("before", {}), panels.get("after", {})
+    for bench in after:
+        b, a = before.get(bench), after[bench]
+        if b is not None and "greedy_macro" in b.manifest and "greedy_macro" in a.manifest:
+            out[metric_name(f"eval.delta.{bench}.greedy")] = float(
+                a.manifest["greedy_macro"] - b.manifest["greedy_macro"])
+    return out
+
+
+def train_headline(art: Artifact) -> dict[str, float]:
+    """``train.steps``, ``train.loss_trend`` and ``train.still_improving`` (1/0) of an offline run."""
+    m = art.manifest
+    out = {"train.steps": float(m.get("steps", 0))}
+    if m.get("loss_trend") is not None:
+        out["train.loss_trend"] = float(m["loss_trend"])
+        out["train.still_improving"] = float(bool(m.get("still_improving")))
+    return out
+
+
+def train_notes(art: Artifact) -> list[str]:
+    """A sentence for the run's summary when training stopped while it was still improving."""
+    m = art.manifest
+    if not m.get("still_improving"):
+        return []
+    return [f"note: training ended while still improving - its loss fell "
+            f"{-m['loss_trend'] * 100:.0f}% over the last half of its {m['steps']} steps; a larger "
+            "step budget (train.steps) would likely teach more."]
 
 
 def model_dir(art: Artifact) -> Path:

@@ -529,6 +529,13 @@ class TrainConfig(_Strict):
     rewards: RewardConfig = Field(default_factory=RewardConfig)
     trace: TraceConfig = Field(default_factory=TraceConfig)
     epochs: int = Field(2, ge=1, le=1000, description="Passes over the cached targets.")
+    steps: int | None = Field(
+        None, ge=1, le=10_000_000,
+        description="Optimiser-step budget: exactly this many steps, cycling through the cached "
+        "targets for as many (partial) epochs as that takes, so the training a recipe gives does "
+        "not shrink with a smaller dataset (64 questions x 2 samples at batch 16 is 8 steps an "
+        "epoch). Replaces epochs when set; None: epochs passes.",
+    )
     batch_size: int = Field(16, ge=1, description="Sequences per optimiser step.")
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward.")
     lr: float = Field(5e-5, gt=0.0, le=1.0, description="AdamW learning rate.")
@@ -631,6 +638,11 @@ class TrainConfig(_Strict):
         "on one of them, usually this machine).",
     )
 
+    def irrelevant(self) -> set[str]:
+        # a step budget makes epochs meaningless; without one the key is the one of recipes
+        # older than the field
+        return {"epochs"} if self.steps is not None else {"steps"}
+
     @property
     def live_teacher(self) -> bool:
         """True when the teacher's logits are computed during training (not read from the cache)."""
@@ -659,6 +671,55 @@ class TrainConfig(_Strict):
         return self
 
 
+class BenchmarkConfig(_Strict):
+    """One benchmark of the evaluation panel: a dataset whose eval split is scored for the
+    student before and after training, beside the run's own task. A recipe may write a bare
+    source string instead of the mapping."""
+
+    source: str = Field(
+        ..., description="A built-in suite ('behaviours?eval_set=ood', 'facts', "
+        "'reasoning_gym:<task>?train=0&eval=32') or a .jsonl/.json/.parquet file; its eval split "
+        "is scored.",
+    )
+    name: str | None = Field(
+        None, description="Name in metrics (eval.<policy>.<name>.greedy) and stage labels; "
+        "default: derived from the source (a reasoning-gym task's name, a file's stem, else the "
+        "suite name and its eval_set).",
+    )
+    limit: int | None = Field(None, ge=1, description="Score at most this many eval rows.")
+    teacher: bool = Field(
+        False, description="Also score the teacher with its privileged context on this benchmark "
+        "(a ceiling; useful for another split of the run's own task).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"source": value} if isinstance(value, str) else value
+
+    @property
+    def label(self) -> str:
+        """The benchmark's name: ``name`` or one derived from ``source`` (metric-name safe)."""
+        return self.name or benchmark_name(self.source)
+
+
+def benchmark_name(source: str) -> str:
+    """A short name for a benchmark source: ``reasoning_gym:leg_counting?eval=16`` → ``leg_counting``,
+    ``facts?eval_set=ood`` → ``facts-ood``, ``data/my rows.jsonl`` → ``my_rows``."""
+    import re
+
+    head, _, query = source.partition("?")
+    params = dict(p.partition("=")[::2] for p in query.split("&") if p)
+    if any(head.endswith(ext) for ext in (".jsonl", ".json", ".parquet")):
+        name = Path(head).stem
+    else:
+        suite, _, arg = head.partition(":")
+        name = arg if suite == "reasoning_gym" and arg else suite + (f":{arg}" if arg else "")
+        if params.get("eval_set") not in (None, "heldout"):
+            name += f"-{params['eval_set']}"
+    return re.sub(r"[^A-Za-z0-9_.:-]+", "_", name).strip("_") or "benchmark"
+
+
 class EvalConfig(_Strict):
     max_new_tokens: int = Field(64, ge=1, le=32768, description="Response length cap.")
     batch_size: int = RunOnly(64, ge=1, description="Sequences generated together.")
@@ -673,16 +734,59 @@ class EvalConfig(_Strict):
     seed: int = Field(1234, description="Seed of sampled eval.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Generation dtype (auto: as rollout.dtype).")
+    # Run-only: every benchmark is an evaluate stage of its own (its key holds its source and
+    # rows), so adding one to a recipe reuses the evaluations already done.
+    benchmarks: list[BenchmarkConfig] = Field(
+        default_factory=list, json_schema_extra={"in_key": False},
+        description="More datasets scored before and after training besides the run's own eval "
+        "split (a split from another distribution, a general-capability panel); each is "
+        "reported per benchmark as eval.<policy>.<name>.greedy. Items: a source string or "
+        "{source, name, limit, teacher}.",
+    )
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _unique_benchmarks(cls, v: list[BenchmarkConfig]) -> list[BenchmarkConfig]:
+        names = [b.label for b in v]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"benchmark name(s) {', '.join(twice)} used twice; give each a name")
+        return v
+
+
+# Held-out general-capability panel of the retention check: reasoning-gym tasks unrelated to
+# every built-in suite on which SmolLM2-135M-Instruct's greedy pass rate is well above zero
+# (docs/quality.md), so a drop is visible; a seed no suite uses by default.
+DEFAULT_PANEL = (
+    "reasoning_gym:calendar_arithmetic?train=0&eval=32&seed=101",
+    "reasoning_gym:syllogism?train=0&eval=32&seed=101",
+    "reasoning_gym:family_relationships?train=0&eval=32&seed=101",
+    "reasoning_gym:sentence_reordering?train=0&eval=32&seed=101",
+)
 
 
 class RetentionConfig(_Strict):
-    """Forgetting check on general prompts without any rule (stages/retention.py)."""
+    """Forgetting check on material unrelated to the taught task (stages/retention.py): a
+    held-out reasoning-gym panel, reference text, and the base model's replies to rule-free
+    questions, each with the taught spans left out."""
 
     enabled: bool = RunOnly(
         False,
-        description="After evaluate/after: the trained student's mean log-likelihood of the base "
-        "model's own greedy replies and their exact-match rate, relative to the base model.",
+        description="After evaluate/after: general capability of the trained student against the "
+        "base model - panel pass rate, log-likelihood of reference text and of the base model's "
+        "own greedy replies, their exact-match rate - with taught spans excluded.",
     )
+    panel: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PANEL),
+        description="Benchmark sources of the general-capability panel (their eval splits, "
+        "greedy); [] turns the panel off.",
+    )
+    panel_max_new_tokens: int = Field(96, ge=1, le=32768, description="Reply cap on the panel.")
+    reference_text: bool = Field(
+        True, description="Score the built-in reference passages (opsd.data.reference) as plain text.")
+    exclude_taught: bool = Field(
+        True, description="Leave the taught spans (text a train row's regex verifier finds in the "
+        "trained reply but not in the base reply) out of every comparison.")
     prompts: int = Field(32, ge=1, le=32, description="How many of the 32 built-in prompts to use.")
     max_new_tokens: int = Field(48, ge=1, le=4096, description="Length cap of the greedy replies.")
     batch_size: int = RunOnly(32, ge=1, description="Sequences generated/scored together.")

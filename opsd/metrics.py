@@ -39,3 +39,24 @@ def majority_passed(answers: Sequence[str], passed: Sequence[bool]) -> bool:
 def macro(values: dict[str, float]) -> float:
     """Unweighted mean over tasks: each rule/task counts the same."""
     return sum(values.values()) / len(values) if values else float("nan")
+
+
+def trend(values: Sequence[float], *, tail: float = 0.5) -> float:
+    """Relative change of a curve over its last ``tail`` fraction: the least-squares line through
+    those points, ``(fit(last) − fit(first)) / |mean|``. −0.2: the quantity fell by 20 % of its
+    level over that window (a loss still falling); ~0: flat. 0.0 with fewer than 4 points."""
+    pts = [float(v) for v in values if v is not None and v == v]
+    n = max(4, int(round(len(pts) * tail)))
+    pts = pts[-n:]
+    if len(pts) < 4:
+        return 0.0
+    xs = range(len(pts))
+    mx, my = (len(pts) - 1) / 2, sum(pts) / len(pts)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, pts)) / sum((x - mx) ** 2 for x in xs)
+    return slope * (len(pts) - 1) / max(abs(my), 1e-12)
+
+
+def still_improving(losses: Sequence[float], *, tail: float = 0.5, min_drop: float = 0.1) -> bool:
+    """True when the loss fell by more than ``min_drop`` (relative, :func:`trend`) over the last
+    ``tail`` of training: stopping there left progress on the table."""
+    return trend(losses, tail=tail) < -min_drop

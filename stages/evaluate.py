@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import pyarrow as pa
 
@@ -43,8 +44,11 @@ def run(
     with_context=None,
     backend: str = "hf",
     engine=None,
+    transform: Callable[[Row, str], str] | None = None,
 ) -> dict:
-    """Evaluate ``policy`` on ``rows`` (the eval split). ``with_context``: a ContextConfig."""
+    """Evaluate ``policy`` on ``rows`` (the eval split). ``with_context``: a ContextConfig.
+    ``transform(row, text)``: the text the verifier sees (the stored text stays the reply as
+    generated); retention uses it to take the taught spans out of a reply before scoring it."""
     rows = [r for r in rows if r.verifier is not None]
     if not rows:
         return {"label": label, "rows": 0, "note": "no eval rows with a verifier"}
@@ -79,7 +83,7 @@ def run(
     for g, is_greedy in [(g, True) for g in greedy] + [(g, False) for g in sampled]:
         row = rows[g.prompt_index]
         text = tokenizer.decode(g.response_ids, skip_special_tokens=True)
-        v = verify(row.verifier, text, row)
+        v = verify(row.verifier, transform(row, text) if transform else text, row)
         cols["policy"].append(label)
         cols["row_id"].append(row.id)
         cols["task"].append(row.task or "")

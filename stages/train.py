@@ -19,6 +19,7 @@ import logging
 import numpy as np
 
 from opsd.config import TrainConfig
+from opsd.metrics import still_improving, trend
 from opsd.device import resolve_dtype
 from opsd.objectives import mixing
 from opsd.objectives import registry as objective_registry
@@ -217,9 +218,15 @@ def run(
         history = done.pop("history")
     tokens = sum(h["tokens"] for h in history)
     seconds = done["seconds"]
+    losses = [h["loss"] for h in history]
     return {
         "steps": len(history),
-        "epochs": cfg.epochs,
+        "epochs": cfg.epochs if cfg.steps is None else len(history) * cfg.batch_size / max(1, done["examples"]),
+        "step_budget": cfg.steps,
+        # relative change of the loss over the last half of training (opsd.metrics.trend): a
+        # run that stops while it still falls says so in its summary
+        "loss_trend": trend(losses),
+        "still_improving": still_improving(losses),
         "examples": done["examples"],
         "tokens_trained": tokens,
         "seconds": seconds,
@@ -246,6 +253,17 @@ def run(
                             "key_fraction", "error_fraction")
                   if any(h.get(k) is not None for h in history)},
     }
+
+
+def budget_plan(n_examples: int, cfg: TrainConfig, groups: list[str] | None = None):
+    """The optimiser steps to take, as (epoch, example indices): ``cfg.epochs`` passes, or with a
+    step budget (``cfg.steps``) exactly that many steps over as many epochs as they need (the
+    last one partial), each epoch shuffled as :func:`plan_batches` shuffles it."""
+    if cfg.steps is None:
+        return plan_batches(n_examples, cfg, groups)
+    per_epoch = -(-n_examples // cfg.batch_size)
+    epochs = -(-cfg.steps // per_epoch)
+    return plan_batches(n_examples, cfg.model_copy(update={"epochs": epochs}), groups)[: cfg.steps]
 
 
 def train_local(cfg: TrainConfig, rollouts: Artifact, targets: Artifact, init: Policy,
@@ -284,7 +302,7 @@ def train_local(cfg: TrainConfig, rollouts: Artifact, targets: Artifact, init: P
     else:
         model = ctx.pool.take_master(init)
         init_how = "full checkpoint on every rank" if dist is not None else "full checkpoint"
-    plan = plan_batches(len(examples), cfg, [e.group for e in examples])
+    plan = budget_plan(len(examples), cfg, [e.group for e in examples])
     trainer = Trainer(model, cfg, tokenizer.pad_token_id, total_steps=len(plan),
                       teacher_model=teacher_model, teacher_batch_size=teacher_batch_size, dist=dist,
                       forward=forward)

@@ -32,13 +32,21 @@ def test_builtin_prompts_are_neutral_and_distinct():
 def test_base_model_retains_itself_and_a_changed_model_does_not(tiny_model_dir, tmp_path):
     pool = ModelPool()
     base = base_policy(Path(tiny_model_dir))
-    cfg = RetentionConfig(enabled=True, prompts=6, max_new_tokens=8)
+    cfg = RetentionConfig(enabled=True, prompts=6, max_new_tokens=8, panel_max_new_tokens=8,
+                          panel=["reasoning_gym:leg_counting?train=0&eval=4",
+                                 "reasoning_gym:syllogism?train=0&eval=3"])
     man_b = retention_stage.base_run(cfg, base, _ctx(tmp_path / "base", pool))
     base_art = Artifact("b", tmp_path / "base", man_b)
     same = retention_stage.run(cfg, base_art, base, _ctx(tmp_path / "same", pool))
     assert same["exact_match"] == 1.0 and same["prefix_match"] == 1.0
+    assert same["exact_match_untaught"] == 1.0 and same["rule_leak"] == 0.0
     assert same["logprob"] == pytest.approx(man_b["base_logprob"], abs=1e-6)
     assert same["logprob_delta"] == pytest.approx(0.0, abs=1e-6)
+    assert same["logprob_delta_untaught"] == pytest.approx(0.0, abs=1e-6)
+    # the panel (7 reasoning-gym rows) and the reference text: unchanged for the base itself
+    assert same["panel_delta"] == 0.0 and set(same["panel_tasks"]) == {"leg_counting", "syllogism"}
+    assert same["text_logprob_delta"] == pytest.approx(0.0, abs=1e-6)
+    assert man_b["text_base_logprob"] < 0
 
     # a perturbed copy: its greedy replies drift and it finds the base replies less likely
     changed = copy.deepcopy(pool.master(base))
@@ -51,6 +59,7 @@ def test_base_model_retains_itself_and_a_changed_model_does_not(tiny_model_dir, 
     moved = retention_stage.run(cfg, base_art, other, _ctx(tmp_path / "moved", pool))
     assert abs(moved["logprob_delta"]) > 1e-3
     assert moved["exact_match"] < 1.0
+    assert abs(moved["text_logprob_delta"]) > 1e-3
     # brute force: one full forward per reply, log-softmax over the whole sequence
     from opsd.storage.parquet import read_table
 
@@ -67,7 +76,8 @@ def test_base_model_retains_itself_and_a_changed_model_does_not(tiny_model_dir, 
     per = json.loads((tmp_path / "moved" / "per_prompt.json").read_text())
     assert len(per) == 6 and {"prompt", "exact", "logprob", "base_logprob", "reply"} <= set(per[0])
     head = retention_stage.headline(Artifact("m", tmp_path / "moved", moved))
-    assert set(head) == {f"retention.{k}" for k in retention_stage.METRICS}
+    assert set(head) == {f"retention.{k}" for k in retention_stage.METRICS} | {
+        "retention.panel_delta.leg_counting", "retention.panel_delta.syllogism"}
 
 
 def test_offline_flow_with_retention_and_a_live_teacher(tiny_model_dir, tmp_path):
@@ -81,18 +91,32 @@ def test_offline_flow_with_retention_and_a_live_teacher(tiny_model_dir, tmp_path
     data = write_dataset(tmp_path / "data.jsonl")
     cfg = tiny_config(tiny_model_dir, data)
     cfg["train"] = {**cfg["train"], "objective": "jsd", "divergence": {"jsd_beta": 0.5}, "epochs": 1}
-    cfg["retention"] = {"enabled": True, "prompts": 4, "max_new_tokens": 6}
-    cfg["eval"] = {"max_new_tokens": 6}
+    cfg["retention"] = {"enabled": True, "prompts": 4, "max_new_tokens": 6,
+                        "panel": ["reasoning_gym:leg_counting?train=0&eval=3"],
+                        "panel_max_new_tokens": 6}
+    # a benchmark panel: another file, scored before and after (and by the teacher)
+    other = write_dataset(tmp_path / "other.jsonl", n_train=0, n_eval=3)
+    cfg["eval"] = {"max_new_tokens": 6,
+                   "benchmarks": [{"source": str(other), "teacher": True},
+                                  "reasoning_gym:leg_counting?train=0&eval=2"]}
     root = tmp_path / "home"
     m = offline_flow(config=cfg, root=str(root), show_progress=False)
     for k in ("retention.logprob_delta", "retention.exact_match", "retention.logprob",
-              "retention.base_logprob", "eval.after.greedy"):
+              "retention.base_logprob", "eval.after.greedy", "retention.panel_delta",
+              "retention.text_logprob_delta", "retention.exact_match_untaught",
+              "eval.before.other.greedy", "eval.after.other.greedy", "eval.teacher.other.greedy",
+              "eval.after.leg_counting.greedy", "eval.delta.leg_counting.greedy",
+              "train.steps", "train.loss_trend"):
         assert k in m, k
+    assert "eval.teacher.leg_counting.greedy" not in m  # teacher: only where asked for
     layout = Layout.at(root)
     cat = Catalog(layout)
     run = cat.runs()[-1]
     labels = [s["label"] for s in cat.stages(run["run_id"])]
-    assert labels[-3:] == ["evaluate/after", "retention/base", "retention"]
+    assert labels[-5:] == ["evaluate/after", "evaluate/after/other", "evaluate/after/leg_counting",
+                           "retention/base", "retention"]
+    assert {"evaluate/before/other", "evaluate/teacher/other"} <= set(labels)
+    assert (layout.run_dir(run["run_id"]) / "compliance.txt").read_text().count("leg_counting") == 1
     assert "retention.exact_match" in run["metrics"]
     _, rows = cat.query("SELECT manifest_json FROM artifacts WHERE stage = 'train'")
     man = json.loads(rows[0][0]) if isinstance(rows[0][0], str) else rows[0][0]
