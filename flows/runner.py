@@ -36,7 +36,7 @@ from opsd.flows.track import GuardedTracker, catch_up_lost
 from opsd.storage.integrity import check_artifact
 from opsd.storage.layout import (Layout, artifact_digest, canonical_json, disk_full,
                                  drop_partial_writes, stage_key)
-from opsd.storage.tracking import Tracker, flatten
+from opsd.storage.tracking import Tracker, flatten, recipe_tags
 
 log = logging.getLogger("opsd")
 
@@ -158,7 +158,8 @@ class Pipeline:
         if self._tracking_lost is not None:
             self.catalog.update_run(self.run_id, tracking=f"lost: {self._tracking_lost}")
         if self.tracker:
-            tags = {"opsd.run_id": self.run_id, "opsd.mode": self.cfg.mode, "opsd.kind": kind}
+            tags = {"opsd.run_id": self.run_id, "opsd.mode": self.cfg.mode, "opsd.kind": kind,
+                    **recipe_tags(cfg_dict)}
             if self.parent_run_id:
                 tags["opsd.parent_run_id"] = self.parent_run_id
             self.mlflow_run_id = self.tracker.start_pipeline(
@@ -177,8 +178,7 @@ class Pipeline:
         metrics["stages_run"] = float(sum(not r.cached for r in self.records))
         self.catalog.finish_run(self.run_id, status, metrics, error)
         if self.tracker and self.mlflow_run_id:
-            self.tracker.log_metrics(self.mlflow_run_id, metrics)
-            self.tracker.end(self.mlflow_run_id, "FINISHED" if status == "completed" else "FAILED")
+            self.tracker.finish_pipeline(metrics, "FINISHED" if status == "completed" else "FAILED")
         return metrics
 
     @contextmanager

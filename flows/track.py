@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from opsd.storage.catalog import Catalog
 from opsd.storage.layout import Layout
-from opsd.storage.tracking import Tracker, flatten, metric_name
+from opsd.storage.tracking import Tracker, flatten, metric_name, recipe_tags
 
 log = logging.getLogger("opsd")
 
@@ -99,7 +99,7 @@ def catch_up(layout: Layout, run_id: str, tracker: Tracker | None = None) -> Cau
     parent = _existing(tracker, run["mlflow_run_id"])
     if parent is None:
         tags = {"opsd.run_id": run["run_id"], "opsd.mode": run["mode"] or "",
-                "opsd.kind": "pipeline", "opsd.caught_up": "true"}
+                "opsd.kind": "pipeline", "opsd.caught_up": "true", **recipe_tags(run["config"])}
         if run["parent_run_id"]:
             tags["opsd.parent_run_id"] = run["parent_run_id"]
         out.mlflow_run_id = tracker.start_pipeline(f"{run['name']}-{run['run_id']}",

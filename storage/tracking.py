@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from filelock import FileLock
 
@@ -61,6 +61,57 @@ def safe_params(params: dict) -> dict[str, str]:
         text = v if isinstance(v, str) else json.dumps(v, default=str)
         out[k[:250]] = text[:_MAX_PARAM]
     return out
+
+
+# ----------------------------------------------------------------- comparing recipes
+# Runs of different recipes on the same data form one comparable set: every pipeline run carries
+# the same two tags and the same headline metric names, and one shared view of the runs table
+# shows exactly those as columns (MLflow UI and `opsd runs --compare` read the same names).
+
+RECIPE_TAGS = ("opsd.recipe", "opsd.objective")
+# A shared view is an experiment tag ``mlflow.sharedViewState.<key>`` holding the runs table's
+# state as JSON; the UI applies it when the page URL carries ``viewStateShareKey=<key>``.
+RUNS_VIEW_KEY = "opsd-runs"
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+_POLICIES = ("before", "after", "teacher")
+_EVAL_GREEDY = re.compile(r"^eval\.(before|after|teacher)\.greedy(?:\.(.+))?$")
+
+
+def recipe_tags(config: dict) -> dict[str, str]:
+    """``opsd.recipe`` and ``opsd.objective`` of a resolved config (as a plain dict).
+
+    The objective is ``train.objective``, except under TRACE span routing, which ignores it.
+    """
+    train = config.get("train", {})
+    objective = "trace" if train.get("trace", {}).get("enabled") else str(train.get("objective", ""))
+    return {"opsd.recipe": str(config.get("name", "")), "opsd.objective": objective}
+
+
+def headline_keys(keys: Iterable[str]) -> list[str]:
+    """The metrics a recipe comparison shows, in reading order.
+
+    Greedy pass rate before / after training and of the teacher (macro over tasks), wall time,
+    then the same three per task, then any ``retention.*``; names absent from ``keys`` are left
+    out, so a run without a teacher ceiling or retention check simply shows fewer.
+    """
+    keys = set(keys)
+    macro = [k for k in (f"eval.{p}.greedy" for p in _POLICIES) if k in keys]
+    tasks = sorted({m.group(2) for k in keys if (m := _EVAL_GREEDY.match(k)) and m.group(2)})
+    per_task = [k for t in tasks for k in (f"eval.{p}.greedy.{t}" for p in _POLICIES) if k in keys]
+    retention = sorted(k for k in keys if k.startswith("retention."))
+    wall = ["wall_seconds"] if "wall_seconds" in keys else []
+    return macro + wall + per_task + retention
+
+
+def runs_view_state(metric_keys: Iterable[str]) -> dict:
+    """The runs-table state of the shared view: recipe, objective and the headline metrics as
+    the first columns after the run name (MLflow column ids: ``tags.`k```, ``metrics.`k```)."""
+    tag_cols = [f"tags.`{t}`" for t in RECIPE_TAGS]
+    metric_cols = [f"metrics.`{k}`" for k in headline_keys(metric_keys)]
+    columns = tag_cols + metric_cols
+    # narrower than MLflow's defaults so the headline columns fit beside the run name
+    widths = {c: 130 for c in tag_cols} | {c: 125 for c in metric_cols}
+    return {"selectedColumns": columns, "columnOrder": columns, "columnWidths": widths}
 
 
 class _Retrying:
@@ -141,6 +192,36 @@ class Tracker:
         self.parent_id = run.info.run_id
         self.log_params(self.parent_id, params)
         return self.parent_id
+
+    def finish_pipeline(self, metrics: dict[str, float], status: str = "FINISHED") -> None:
+        """Log the pipeline run's headline metrics, refresh the shared runs view, end the run."""
+        assert self.parent_id, "start_pipeline first"
+        self.log_metrics(self.parent_id, metrics)
+        try:
+            self.publish_runs_view()
+        except Exception as err:  # a table layout must not fail a finished run
+            logging.getLogger("opsd").warning("MLflow runs view not updated: %s", err)
+        self.end(self.parent_id, status)
+
+    def pipeline_runs(self) -> list:
+        """The experiment's pipeline (top-level) runs, newest first."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], max_results=1000, page_token=token)
+            runs += [r for r in page if "mlflow.parentRunId" not in r.data.tags]
+            token = page.token
+            if not token:
+                return runs
+
+    def publish_runs_view(self) -> str:
+        """Write the shared runs view (:func:`runs_view_state`) over the headline metrics that
+        any pipeline run of the experiment has; returns its share key."""
+        keys: set[str] = set()
+        for run in self.pipeline_runs():
+            keys |= set(run.data.metrics)
+        state = json.dumps(runs_view_state(keys))
+        self.client.set_experiment_tag(self.experiment_id, SHARED_VIEW_TAG + RUNS_VIEW_KEY, state)
+        return RUNS_VIEW_KEY
 
     def start_stage(self, label: str, params: dict, tags: dict[str, str]) -> str:
         all_tags = {"mlflow.parentRunId": self.parent_id or "", "opsd.stage": label, **tags}
