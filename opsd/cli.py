@@ -3,11 +3,12 @@
     opsd run CONFIG [--data PATH] [--set key=value ...]   run a pipeline (Prefect flow)
     opsd stage NAME --run RUN_ID [--force] [--set ...]   rerun one stage (and what depends on it)
     opsd runs [--json]                                   runs with status and headline metrics
+    opsd runs --compare RUN RUN ...                      recipes side by side (MLflow's metric names)
     opsd artifacts [--run RUN_ID]                        artifacts in the catalog
     opsd query "SELECT ..."                              SQL over the catalog and Parquet views
     opsd verify [--run RUN_ID]                           check artifacts against their hashes
     opsd track --run RUN_ID                              log to MLflow what a run's tracking missed
-    opsd ui                                              MLflow UI on 127.0.0.1
+    opsd ui [--run RUN_ID]                               MLflow UI on 127.0.0.1: the runs table (or a run)
     opsd config fields                                   every config key with its help text
 """
 
@@ -118,11 +119,21 @@ def stage(
 
 @app.command()
 def runs(
+    run_ids: Optional[List[str]] = typer.Argument(
+        None, help="With --compare: the runs to compare (opsd or MLflow run ids; prefixes work)."),
+    compare: bool = typer.Option(
+        False, "--compare", help="Side by side: recipe, objective, before/after/teacher per task, "
+        "retention, wall time, under the metric names MLflow shows."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     root: Optional[Path] = RootOpt,
 ):
-    """Pipeline runs with status and headline metrics."""
+    """Pipeline runs with status and headline metrics; --compare RUN RUN ... side by side."""
     cat = _catalog(root)
+    if compare:
+        _compare_runs(cat, run_ids or [], as_json)
+        return
+    if run_ids:
+        _fail("run ids are taken only with --compare (opsd runs --compare RUN RUN ...)")
     items = cat.runs()
     if as_json:
         out = [
@@ -147,6 +158,51 @@ def runs(
         wall = f"{m['wall_seconds']:.0f}s" if "wall_seconds" in m else "-"
         typer.echo(f"{r['run_id']:<22} {r['name'][:16]:<16} {r['mode']:<8} {r['status']:<10} "
                    f"{pct('eval.before.greedy')} {pct('eval.after.greedy')} {pct('eval.teacher.greedy'):>8}  {wall}")
+
+
+
+def _find_run(cat, run_id: str) -> dict:
+    """A catalog run by opsd run id (or unique prefix) or by its MLflow run id."""
+    try:
+        found = cat.run(run_id)
+    except ValueError as err:  # an ambiguous prefix
+        _fail(str(err))
+    found = found or next((r for r in cat.runs() if r["mlflow_run_id"] == run_id), None)
+    if found is None:
+        _fail(f"no run {run_id!r} in the catalog (opsd runs lists them)")
+    return found
+
+
+def _compare_runs(cat, run_ids: List[str], as_json: bool) -> None:
+    """Print runs side by side: one column per run, one row per recipe field or metric.
+
+    Metric rows are the headline metrics any of the runs has, named as in MLflow
+    (``storage.tracking.metric_name``), in the order of the MLflow runs view.
+    """
+    from opsd.storage.tracking import headline_keys, metric_name, recipe_tags
+
+    if len(run_ids) < 2:
+        _fail("--compare takes two or more run ids: opsd runs --compare RUN RUN ...")
+    found = [_find_run(cat, rid) for rid in run_ids]
+    metrics = [{metric_name(k): v for k, v in r["metrics"].items()} for r in found]
+    keys = headline_keys(set().union(*metrics))
+    fields = [{"run_id": r["run_id"], **recipe_tags(r["config"]), "mode": r["mode"],
+               "status": r["status"], "mlflow_run_id": r["mlflow_run_id"]} for r in found]
+    if as_json:
+        out = [{**f, "metrics": {k: m[k] for k in keys if k in m}} for f, m in zip(fields, metrics)]
+        typer.echo(json.dumps(out, indent=2))
+        return
+
+    def number(key: str, v) -> str:
+        return "-" if v is None else f"{v:.1f}" if key == "wall_seconds" else f"{v:.3f}"
+
+    rows = [(name, [str(f[name] or "-") for f in fields])
+            for name in ("run_id", "opsd.recipe", "opsd.objective", "mode", "status")]
+    rows += [(k, [number(k, m.get(k)) for m in metrics]) for k in keys]
+    label_w = max(len(name) for name, _ in rows)
+    widths = [max(len(cells[i]) for _, cells in rows) for i in range(len(found))]
+    for name, cells in rows:
+        typer.echo("  ".join([name.ljust(label_w)] + [c.rjust(w) for c, w in zip(cells, widths)]))
 
 
 @app.command()
@@ -221,23 +277,57 @@ def _print_rows(cols, rows, as_json: bool, csv: bool = False) -> None:
 def ui(
     port: int = typer.Option(5000, help="Port for the MLflow UI."),
     host: str = typer.Option("127.0.0.1", help="Bind address (default loopback only)."),
+    run_id: Optional[str] = typer.Option(
+        None, "--run", help="Print this run's page (opsd or MLflow run id) instead of the runs table."),
     root: Optional[Path] = RootOpt,
 ):
-    """Serve the MLflow UI for this root's tracking store."""
-    import subprocess
+    """Serve the MLflow UI over this root's runs until Ctrl-C or SIGTERM.
 
+    Prints the opsd experiment's runs table (model-training view; recipe, objective and headline
+    metrics as columns), or with --run that run's page, once the server answers. Stopping
+    `opsd ui` stops the MLflow server and every process it started.
+    """
     from opsd.storage.layout import Layout
-    from opsd.storage.tracking import tracking_uri
+    from opsd.storage.mlflow_ui import (OwnedServer, browse_host, port_in_use, run_url, runs_url,
+                                        server_command, server_env)
+    from opsd.storage.tracking import Tracker
 
     layout = Layout.at(root)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(f"warning: binding {host} exposes runs to the network", fg="yellow", err=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-           tracking_uri(layout.mlflow_db), "--default-artifact-root",
-           layout.mlflow_artifacts.resolve().as_uri(), "--host", host, "--port", str(port),
-           "--workers", "1"]
-    typer.echo(f"MLflow UI: http://{host}:{port}  (Ctrl-C to stop)")
-    raise typer.Exit(subprocess.call(cmd))
+    if port_in_use(host, port):  # its /health would answer and the URL would show another store
+        _fail(f"port {port} is already in use on {browse_host(host)}: stop that server or pass --port")
+    tracker = Tracker(layout.mlflow_db, layout.mlflow_artifacts)  # creates the experiment if new
+    tracker.publish_runs_view()
+    base = f"http://{browse_host(host)}:{port}"
+    if run_id is None:
+        url = runs_url(base, tracker.experiment_id)
+    else:
+        url = run_url(base, *_mlflow_run(tracker, root, run_id))
+    cmd = server_command(tracker.uri, layout.mlflow_artifacts.resolve().as_uri(), host, port)
+    with OwnedServer(cmd, server_env(), f"{base}/health") as server:
+        try:
+            server.wait_ready()
+        except RuntimeError as err:
+            _fail(str(err), code=1)
+        typer.echo(f"MLflow UI: {url}  (Ctrl-C to stop)")
+        raise typer.Exit(server.wait())  # the server ended by itself
+    typer.echo("MLflow UI stopped")
+
+
+def _mlflow_run(tracker, root: Optional[Path], run_id: str) -> tuple[str, str]:
+    """(experiment id, MLflow run id) of an opsd run id (or prefix) or of an MLflow run id."""
+    from opsd.storage.layout import resolve_root
+
+    if (resolve_root(root) / "catalog.duckdb").exists():
+        found = _catalog(root).run(run_id)
+        if found and found["mlflow_run_id"]:
+            run_id = found["mlflow_run_id"]
+    try:
+        run = tracker.client.get_run(run_id)
+    except Exception:
+        _fail(f"no run {run_id!r} in the catalog or the MLflow store (opsd runs lists them)")
+    return run.info.experiment_id, run.info.run_id
 
 
 @app.command()
