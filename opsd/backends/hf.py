@@ -16,7 +16,7 @@ rest of their context (packed rows, :mod:`opsd.packing`).
 Devices: everything runs where the model's weights are (the pool put them on the run's
 device). Inputs are built on the host and moved once per forward; sampling draws its uniforms
 from a host generator (the same stream on every device, so a seed means the same draws) and
-a decode step moves one small ``[4, B]`` block back to the host, its only synchronisation.
+a decode step moves one small ``[5, B]`` block back to the host, its only synchronisation.
 The KV cache is allocated once per batch for prompt + reply (:mod:`opsd.backends.kvcache`)
 and written in place on any device. Results (token ids, log-probs, targets) come back on the
 host.

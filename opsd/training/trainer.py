@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -104,8 +105,11 @@ def compile_layers(model: torch.nn.Module) -> int:
     length). Per layer rather than the whole model: the loss calls the decoder and the chunked LM
     head itself, and layer units are what FSDP and checkpointing wrap. Returns how many."""
     layers = list(getattr(model.get_decoder(), "layers", []))
+    # OPSD_COMPILE_BACKEND: another torch.compile backend ("eager": tracing only, what the CPU
+    # test uses to check the wiring in seconds rather than minutes of C++ compilation)
+    backend = os.environ.get("OPSD_COMPILE_BACKEND", "inductor")
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, backend=backend)
     return len(layers)
 
 
