@@ -1,10 +1,13 @@
-"""Bad inputs and the error each gets, checked end to end through `opsd run`.
+"""Bad and hostile inputs and the error each gets, checked end to end through the CLI.
 
-    python -m bench.bad_inputs            # prints the table, writes docs/reliability.md
+    python -m bench.bad_inputs                        # each case a fresh `opsd` process; writes
+                                                      # the table into docs/reliability.md
+    python -m bench.bad_inputs --in-process --json OUT   # what the test suite runs (faster)
 
-Every case must be refused before any compute with exit code 2, a message
-naming the file/field and the fix, and nothing written under the artifact root
-(no catalog, no MLflow store).
+Every case must be refused before any compute with exit code 2 and a message naming the
+file/field and the fix, and nothing may be written: the case's folder (recipe, data, artifact
+root) is listed before and after, and any file created or changed there counts. Hostile cases
+also name files that must never appear (code a recipe or a model folder tries to run).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -23,9 +26,19 @@ REPO = Path(__file__).resolve().parent.parent
 @dataclass
 class Case:
     name: str
-    kind: str  # dataset | config | model
+    kind: str  # dataset | config | model | recipe | hostile | cli
     expect: str  # a fragment the message must contain
-    build: Callable[[Path, Path], tuple[dict, list[str]]]  # (workdir, model) -> (recipe, extra args)
+    # (workdir, model) -> (recipe dict, extra `opsd run` args), or an Invocation of any command
+    build: Callable[[Path, Path], "tuple[dict, list[str]] | Invocation"]
+
+
+@dataclass
+class Invocation:
+    """A command line to run in the case's folder; ``forbidden``: files that must not appear."""
+
+    argv: list[str]
+    forbidden: list[Path] = field(default_factory=list)
+    cleanup: Callable[[], None] | None = None
 
 
 def _row(i=0, **kw):
@@ -190,29 +203,240 @@ CASES: list[Case] = [
 ]
 
 
-def run_case(case: Case, work: Path, model: Path, subprocess_run: bool = False) -> dict:
-    """``opsd run`` on the case's recipe: in this process (tests) or as a user runs it, in a
-    fresh process (the script: Prefect's console log handler outlives one in-process CLI call)."""
-    work.mkdir(parents=True, exist_ok=True)
-    cfg, args = case.build(work, model)
-    recipe = work / "recipe.yaml"
-    recipe.write_text(json.dumps({"name": "bad", **cfg}))
+# --- recipes, hostile files, models with code, the CLI ------------------------------------------
+
+PWNED = "pwned.txt"  # what hostile input tries to create; must never exist
+
+
+def _ok_data(work: Path) -> Path:
+    data = work / "ok.jsonl"
+    data.write_text(json.dumps(_row()) + "\n")
+    return data
+
+
+def _recipe_text(text: str | bytes, name: str = "recipe.yaml"):
+    """``opsd run`` on a recipe file with exactly this content."""
+    def build(work: Path, model: Path) -> Invocation:
+        path = work / name
+        body = text.replace("@MODEL@", str(model)).replace("@DATA@", str(_ok_data(work))) \
+            .replace("@WORK@", str(work)) if isinstance(text, str) else text
+        path.write_bytes(body.encode() if isinstance(body, str) else body)
+        return Invocation(["run", str(path), "--root", str(work / "home"), "--no-progress"],
+                          forbidden=[work / PWNED])
+    return build
+
+
+def _sparse(path: Path, prefix: bytes, size: int) -> Path:
+    """A file of ``size`` bytes that takes no disk space beyond ``prefix`` (a hole of zeros)."""
+    with path.open("wb") as fh:
+        fh.write(prefix)
+        fh.truncate(size)
+    return path
+
+
+def _huge(name: str, prefix: bytes, size: int):
+    def build(work: Path, model: Path):
+        path = _sparse(work / name, prefix, size)
+        return {"model": {"name": str(model)}, "data": {"source": str(path)}}, []
+    return build
+
+
+def _model_folder(change: Callable[[Path], None]):
+    """A copy of the tiny model with ``change`` applied to its folder."""
+    def build(work: Path, model: Path):
+        import shutil
+
+        dst = work / "model"
+        shutil.copytree(model, dst, dirs_exist_ok=True)
+        change(dst)
+        return {"model": {"name": str(dst)}, "data": {"source": str(_ok_data(work))}}, []
+    return build
+
+
+def _custom_code(folder: Path) -> None:
+    c = json.loads((folder / "config.json").read_text())
+    c.update(model_type="evilllama", auto_map={"AutoConfig": "evil.EvilConfig",
+                                               "AutoModelForCausalLM": "evil.EvilModel"})
+    (folder / "config.json").write_text(json.dumps(c))
+    marker = folder.parent / PWNED
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+
+
+def _unknown_type(folder: Path) -> None:
+    c = json.loads((folder / "config.json").read_text())
+    c["model_type"] = "no-such-architecture"
+    (folder / "config.json").write_text(json.dumps(c))
+
+
+def _cli(make: Callable[[Path, Path], list[str]], setup: Callable[[Path], None] | None = None):
+    """Any opsd command; ``setup(root)`` prepares the root first (before the 'before' listing)."""
+    def build(work: Path, model: Path) -> Invocation:
+        root = work / "home"
+        if setup is not None:
+            setup(root)
+        return Invocation(make(work, model))
+    return build
+
+
+def _run_args(*extra: str):
+    """``opsd run`` of a valid recipe with extra arguments."""
+    def make(work: Path, model: Path) -> list[str]:
+        recipe = work / "recipe.yaml"
+        recipe.write_text(json.dumps({"name": "bad", "model": {"name": str(model)},
+                                      "data": {"source": str(_ok_data(work))}}))
+        return ["run", str(recipe), "--no-progress", *[a.replace("@WORK@", str(work)) for a in extra]]
+    return make
+
+
+def _with_catalog(root: Path) -> None:
+    """A root holding a catalog with one finished run 'r1' (no artifacts)."""
+    from opsd.storage.catalog import Catalog
+    from opsd.storage.layout import Layout
+
+    cat = Catalog(Layout.at(root))
+    cat.start_run("r1", "bad", "offline", {"name": "bad"}, "h")
+    cat.finish_run("r1", "completed")
+
+
+def _read_only_root(work: Path, model: Path) -> Invocation:
+    """A root that exists but cannot be written: a read-only mount (root can write through any
+    permission bits), else a folder without write permission."""
+    import subprocess
+
     root = work / "home"
-    argv = ["run", str(recipe), "--root", str(root), "--no-progress", *args]
-    if subprocess_run:
-        import subprocess
+    root.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(root)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        root.chmod(0o555)
 
-        proc = subprocess.run([sys.executable, "-m", "opsd.cli", *argv], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
-        exit_code, output = proc.returncode, proc.stdout + proc.stderr
+    def cleanup() -> None:
+        if mounted:
+            subprocess.run(["umount", str(root)], capture_output=True)
+        else:
+            root.chmod(0o755)
+
+    return Invocation(_run_args("--root", str(root))(work, model), cleanup=cleanup)
+
+
+LAUGHS = "\n".join(["name: laughs", "a: &a [x, x, x, x, x, x, x, x, x, x]"]
+                   + [f"{c}: &{c} [{', '.join(['*' + p] * 10)}]" for p, c in zip("abcdef", "bcdefg")])
+
+CASES += [
+    # recipes
+    Case("recipe file not found", "recipe", "config file not found", _cli(lambda w, m: [
+        "run", str(w / "nope.yaml"), "--root", str(w / "home")])),
+    Case("recipe is a folder", "recipe", "not a file", _cli(lambda w, m: [
+        "run", str(w), "--root", str(w / "home")])),
+    Case("recipe not valid YAML", "recipe", "not valid YAML", _recipe_text("name: [unclosed\n")),
+    Case("recipe top level is a list", "recipe", "must be a mapping", _recipe_text("- a\n- b\n")),
+    Case("recipe not UTF-8", "recipe", "not UTF-8", _recipe_text(b"name: \xff\xfe\n")),
+    Case("recipe with a python/object tag", "hostile", "YAML tag !!python/object/apply:os.system",
+         _recipe_text(f'name: !!python/object/apply:os.system ["touch @WORK@/{PWNED}"]\n')),
+    Case("recipe with a python/name tag", "hostile", "is not allowed",
+         _recipe_text("name: x\ntrain: !!python/name:os.system\n")),
+    Case("recipe whose aliases expand a billion times", "hostile", "anchors and aliases expand",
+         _recipe_text(LAUGHS + "\n")),
+    Case("recipe over 1 MiB", "hostile", "over the limit", lambda w, m: Invocation(
+        ["run", str(_sparse(w / "big.yaml", b"name: big\n#", 2 << 20)), "--root", str(w / "home")])),
+    # dataset files built to hurt
+    Case("10 GB dataset file", "hostile", "over the limit of", _huge("huge.jsonl", b'{"prompt": "', 10 << 30)),
+    Case("10 GB .json array", "hostile", "over the limit of", _huge("huge.json", b"[", 10 << 30)),
+    Case("10 GB Parquet file", "hostile", "over the limit of", _huge("huge.parquet", b"PAR1", 10 << 30)),
+    Case("one line of 64 MiB", "hostile", "line is longer than the limit",
+         _huge("longline.jsonl", b'{"prompt": "', 64 << 20)),
+    Case("regex pattern of 5000 characters", "hostile", "at most 4096 characters",
+         _data([_row(verifier={"type": "regex", "pattern": "a" * 5000})])),
+    Case("Parquet file that is not Parquet", "dataset", "cannot read Parquet",
+         _data([], "rows.parquet", raw=b"not parquet at all")),
+    Case(".json that is not an array", "dataset", "expected a JSON array",
+         _data([], "rows.json", raw=b'{"prompt": "x"}')),
+    Case("dataset path is a folder", "dataset", "file not found", lambda w, m: (
+        {"model": {"name": str(m)}, "data": {"source": str(w)}}, [])),
+    # models
+    Case("model folder with its own code (auto_map)", "hostile", "never runs code",
+         _model_folder(_custom_code)),
+    Case("model_type transformers does not know", "model", "is not an architecture",
+         _model_folder(_unknown_type)),
+    Case("config.json not JSON", "model", "cannot be read as JSON",
+         _model_folder(lambda f: (f / "config.json").write_text("{oops"))),
+    # the command line
+    Case("--set of a wrong type", "cli", "train.epochs", _cli(_run_args("--set", "train.epochs=abc"))),
+    Case("--set of an unknown key", "cli", "unknown key", _cli(_run_args("--set", "train.nope=1"))),
+    Case("--set below a value", "cli", "train.lr", _cli(_run_args("--set", "train.lr.x=1"))),
+    Case("--set of an unknown mode", "cli", "mode", _cli(_run_args("--set", "mode=batch"))),
+    Case("--set with a YAML tag", "hostile", "train.epochs", _cli(_run_args(
+        "--set", f"train.epochs=!!python/object/apply:os.system ['touch @WORK@/{PWNED}']"))),
+    Case("--run-id that climbs out of runs/", "hostile", "is not allowed",
+         _cli(_run_args("--run-id", "../../escape"))),
+    Case("--run-id with a slash", "cli", "is not allowed", _cli(_run_args("--run-id", "a/b"))),
+    Case("--data of a missing file", "cli", "file not found", _cli(_run_args("--data", "@WORK@/nope.jsonl"))),
+    Case("root that is a file", "cli", "is a file", lambda w, m: Invocation(
+        _run_args("--root", str(_sparse(w / "rootfile", b"x", 1)))(w, m))),
+    Case("root below a file", "cli", "cannot be created", lambda w, m: Invocation(
+        _run_args("--root", str(_sparse(w / "afile", b"x", 1) / "home"))(w, m))),
+    Case("read-only root", "cli", "cannot write to the artifact root", _read_only_root),
+    Case("unknown stage", "cli", "unknown stage 'distil'", _cli(lambda w, m: [
+        "stage", "distil", "--run", "r1", "--root", str(w / "home")], _with_catalog)),
+    Case("stage without a run id", "cli", "Missing option '--run'", _cli(lambda w, m: [
+        "stage", "train", "--root", str(w / "home")], _with_catalog)),
+    Case("stage of a run not in the catalog", "cli", "no run 'nope'", _cli(lambda w, m: [
+        "stage", "train", "--run", "nope", "--root", str(w / "home")], _with_catalog)),
+    Case("stage on a root without a catalog", "cli", "no catalog", _cli(lambda w, m: [
+        "stage", "train", "--run", "r1", "--root", str(w / "home")])),
+    Case("stage with --set of a wrong type", "cli", "train.epochs", _cli(lambda w, m: [
+        "stage", "train", "--run", "r1", "--set", "train.epochs=abc", "--root", str(w / "home")],
+        _with_catalog)),
+    Case("verify of a run not in the catalog", "cli", "no run 'nope'", _cli(lambda w, m: [
+        "verify", "--run", "nope", "--root", str(w / "home")], _with_catalog)),
+    Case("track of a run not in the catalog", "cli", "no run 'nope'", _cli(lambda w, m: [
+        "track", "--run", "nope", "--root", str(w / "home")], _with_catalog)),
+    Case("artifacts of a run not in the catalog", "cli", "no run 'nope'", _cli(lambda w, m: [
+        "artifacts", "--run", "nope", "--root", str(w / "home")], _with_catalog)),
+    Case("query that is not SQL", "cli", "tables: runs, stages, artifacts", _cli(lambda w, m: [
+        "query", "SELEKT 1", "--root", str(w / "home")], _with_catalog)),
+]
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under ``folder`` with (size, mtime) — what 'nothing written' compares."""
+    out = {}
+    for p in [folder, *folder.rglob("*")] if folder.exists() else []:
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        out[str(p.relative_to(folder))] = (st.st_size if p.is_file() else 0, st.st_mtime_ns)
+    return out
+
+
+# Files opsd may touch without writing anything: lock files of a catalog that already existed
+# (a reader takes the lock) — never created or grown by a refused command.
+_LOCKS = (".lock",)
+
+
+def run_case(case: Case, work: Path, model: Path, subprocess_run: bool = False) -> dict:
+    """Run the case's command in this process (``CliRunner``) or, as a user runs it, in a fresh
+    process (Prefect's console log handler outlives one in-process CLI call)."""
+    work.mkdir(parents=True, exist_ok=True)
+    built = case.build(work, model)
+    if isinstance(built, Invocation):
+        inv = built
     else:
-        from typer.testing import CliRunner
-
-        from opsd.cli import app
-
-        res = CliRunner().invoke(app, argv)
-        exit_code, output = res.exit_code, res.output or ""
-    written = sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+        cfg, args = built
+        recipe = work / "recipe.yaml"
+        recipe.write_text(json.dumps({"name": "bad", **cfg}))
+        inv = Invocation(["run", str(recipe), "--root", str(work / "home"), "--no-progress", *args])
+    before = _listing(work)
+    try:
+        exit_code, output = _invoke(inv.argv, work, subprocess_run)
+        after = _listing(work)
+    finally:
+        if inv.cleanup is not None:
+            inv.cleanup()
+    written = sorted(p for p, stat in after.items()
+                     if before.get(p) != stat and not p.endswith(_LOCKS) and p != ".")
+    written += [f"{f} (hostile input ran)" for f in inv.forbidden if f.exists()]
     message = output.strip().splitlines()
     return {
         "case": case.name, "kind": case.kind, "exit_code": exit_code,
@@ -222,6 +446,27 @@ def run_case(case: Case, work: Path, model: Path, subprocess_run: bool = False) 
         "written": written,
     }
 
+
+def _invoke(argv: list[str], work: Path, subprocess_run: bool) -> tuple[int, str]:
+    if subprocess_run:
+        import subprocess
+
+        proc = subprocess.run([sys.executable, "-m", "opsd.cli", *argv], capture_output=True,
+                              text=True, cwd=work, env={**os.environ, "PYTHONPATH": str(REPO),
+                                                        "HF_HUB_OFFLINE": "1"})
+        return proc.returncode, proc.stdout + proc.stderr
+    from typer.testing import CliRunner
+
+    from opsd.cli import app
+
+    cwd = os.getcwd()
+    os.chdir(work)  # a relative default root (./opsd-home) would land in the case's folder
+    try:
+        res = CliRunner().invoke(app, argv)
+    finally:
+        os.chdir(cwd)
+    return res.exit_code, (res.output or "") + (str(res.exception) if res.exit_code not in (0, 2)
+                                                  and res.exception else "")
 
 def table(results: list[dict]) -> str:
     lines = ["| # | kind | bad input | exit | message (abridged) | written |", "|---|---|---|---|---|---|"]
@@ -234,28 +479,47 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every case in this process (faster; the default starts `opsd` per case)")
+    ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "bad_inputs.json",
+                    help="per-case results")
+    ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/reliability.md")
+    ap.add_argument("--only", nargs="*", help="run only the cases whose names contain one of these")
+    args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from bench.fault_injection import tiny_model
 
     base = Path(tempfile.mkdtemp(prefix="opsd-bad-inputs-"))
     model = tiny_model(base / "tiny")
-    results = [run_case(c, base / f"case{i}", model, subprocess_run=True) for i, c in enumerate(CASES)]
+    cases = [c for c in CASES if not args.only or any(o in c.name for o in args.only)]
+    results = [run_case(c, base / f"case{i}", model, subprocess_run=not args.in_process)
+               for i, c in enumerate(cases)]
+    refused = sum(r["exit_code"] == 2 and r["expected_fragment_found"] for r in results)
+    clean = sum(not r["written"] for r in results)
     ok = all(r["exit_code"] == 2 and r["expected_fragment_found"] and not r["written"] for r in results)
     text = table(results)
     print(text)
-    print(f"\n{len(results)} bad inputs, {sum(r['exit_code'] == 2 for r in results)} refused with exit 2, "
-          f"{sum(not r['written'] for r in results)} wrote nothing")
-    out = REPO / "bench" / "results" / "bad_inputs.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    from bench.docs import write_section
+    print(f"\n{len(results)} bad inputs, {refused} refused with exit 2 and the expected message, "
+          f"{clean} wrote nothing")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2))
+    if not args.no_docs and not args.only:
+        from bench.docs import write_section
 
-    summary = (f"{len(results)} bad inputs, {sum(r['exit_code'] == 2 for r in results)} refused "
-               f"with exit code 2 before any compute, {sum(not r['written'] for r in results)} "
-               "left nothing under the artifact root. Command: `python -m bench.bad_inputs`.")
-    write_section(REPO / "docs" / "reliability.md", "reliability:bad-inputs", f"{summary}\n\n{text}",
-                  "Bad inputs")
+        summary = (f"{len(results)} bad inputs, {refused} refused with exit code 2 and a message "
+                   f"naming the problem before any compute, {clean} left nothing written (no file "
+                   "created or changed in the case's folder, no code from a hostile recipe or model "
+                   "run). Command: `python -m bench.bad_inputs` (each case a fresh `opsd` process).")
+        write_section(REPO / "docs" / "reliability.md", "reliability:bad-inputs", f"{summary}\n\n{text}",
+                      "Bad inputs")
+    import shutil
+
+    shutil.rmtree(base, ignore_errors=True)
     return 0 if ok else 1
 
 

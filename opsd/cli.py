@@ -81,7 +81,7 @@ def run(
         check_root(root)  # a file or a read-only folder is refused before anything is written
         check_inputs(cfg)  # bad data or models are refused before Prefect starts
         run_then_settle(lambda: run_config(cfg, root=str(root) if root else None, run_id=run_id,
-                                           show_progress=progress))
+                                           show_progress=progress), str(root) if root else None)
 
 
 @app.command()
@@ -112,7 +112,8 @@ def stage(
         check_root(root)  # a read-only root is refused before anything is written
         try:
             run_then_settle(lambda: rerun(name, run_id, force, set_ or [],
-                                          str(root) if root else None, progress))
+                                          str(root) if root else None, progress),
+                            str(root) if root else None)
         except RunNotFound as err:
             _fail(str(err))
 

@@ -217,6 +217,12 @@ class Catalog:
             fields["metrics_json"] = metrics
         self.update_run(run_id, **fields)
 
+    def status_of_process(self, pid: int) -> str | None:
+        """Status of the latest run that process ``pid`` of this host started (None if none)."""
+        _, rows = self.query("SELECT status FROM runs WHERE pid = ? AND host = ? "
+                             "ORDER BY created_at DESC LIMIT 1", [pid, socket.gethostname()])
+        return rows[0][0] if rows else None
+
     def runs_with_lost_tracking(self) -> list[str]:
         """Runs whose MLflow tracking was interrupted (``tracking`` starts with 'lost')."""
         _, rows = self.query("SELECT run_id FROM runs WHERE tracking LIKE 'lost%' "
