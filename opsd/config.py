@@ -111,6 +111,10 @@ class ExposureConfig(_Strict):
     controller_lr: float = Field(
         2.0, gt=0.0, le=1000.0, description="atesd: REINFORCE step size of the controller.")
 
+    def irrelevant(self) -> set[str]:
+        # the controller's settings (added after content keys existed) only count for atesd
+        return set() if self.mode == "atesd" else {"hold", "horizon", "discount", "controller_lr"}
+
 
 class ContextConfig(_Strict):
     """What privileged information (PI) the teacher sees, and how it is rendered.
@@ -175,6 +179,10 @@ class ContextConfig(_Strict):
         if bad:
             raise ValueError(f"unknown view(s) {bad}; known views: {', '.join(KNOWN_VIEWS)}")
         return v
+
+    def irrelevant(self) -> set[str]:
+        # consensus_tau was added after content keys existed: out of the key unless it is used
+        return set() if self.consensus == "gated_residual" else {"consensus_tau"}
 
     @model_validator(mode="after")
     def _consensus_ok(self) -> "ContextConfig":
@@ -584,7 +592,7 @@ class TrainConfig(_Strict):
         "it computes fewer positions and the attention kernel is sdpa or eager. Same loss up to "
         "rounding.",
     )
-    activation_checkpointing: bool | Literal["auto"] = Field(
+    activation_checkpointing: bool | Literal["auto"] = RunOnly(
         "auto",
         description="Recompute every decoder layer's activations in backward instead of keeping "
         "them: less memory for more compute (docs/benchmarks.md has the measured trade-off); for "
@@ -754,14 +762,14 @@ class EvalConfig(_Strict):
         return v
 
 
-# Held-out general-capability panel of the retention check: reasoning-gym tasks unrelated to
-# every built-in suite on which SmolLM2-135M-Instruct's greedy pass rate is well above zero
-# (docs/quality.md), so a drop is visible; a seed no suite uses by default.
+# Held-out general-capability panel of the retention check, unrelated to every built-in suite:
+# 48 everyday general-knowledge questions (SmolLM2-135M-Instruct answers 60 % greedily, so a drop
+# shows) and two reasoning-gym tasks with a seed no suite uses by default (near 0 % at 135M -
+# docs/quality.md - but the check larger models need).
 DEFAULT_PANEL = (
-    "reasoning_gym:calendar_arithmetic?train=0&eval=32&seed=101",
-    "reasoning_gym:syllogism?train=0&eval=32&seed=101",
-    "reasoning_gym:family_relationships?train=0&eval=32&seed=101",
-    "reasoning_gym:sentence_reordering?train=0&eval=32&seed=101",
+    "general",
+    "reasoning_gym:sentence_reordering?train=0&eval=16&seed=101",
+    "reasoning_gym:family_relationships?train=0&eval=16&seed=101",
 )
 
 
