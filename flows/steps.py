@@ -15,6 +15,7 @@ from transformers import AutoConfig
 
 from opsd import teachers
 from opsd.config import BenchmarkConfig, ConfigError, PipelineConfig, config_from_dict
+from opsd.device import DeviceError, resolve_device
 from opsd.context.builders import dynamic_views, needs_dynamic, usage, views_key
 from opsd.context.render import build_context, check_length, student_ids, student_turn_ids
 from opsd.context.render import teacher_ids
@@ -110,6 +111,7 @@ def preflight(cfg: PipelineConfig, rows: list[Row], student: Policy, teacher: Po
     chat templates exist and every prompt (student, and teacher with its static privileged
     context) plus the longest reply fits the model's context window."""
     check_runner(cfg)
+    check_device(cfg)
     # benchmarks load here too: a bad source or an over-long row fails before any compute
     panels = [(b, benchmark_rows(cfg, b)) for b in cfg.eval.benchmarks]
     for policy, who in ((student, "student"), (teacher, "teacher")):
@@ -124,6 +126,15 @@ def preflight(cfg: PipelineConfig, rows: list[Row], student: Policy, teacher: Po
                 ctx = build_context(row, cfg.teacher.context)
                 ids = teacher_ids(tok, row, ctx, student_turn_ids(tok, row))
             check_length(row.id, len(ids) + reply, limit, f"{who} prompt + max_new_tokens")
+
+
+def check_device(cfg: PipelineConfig) -> None:
+    """A ``device`` this machine does not have (``cuda`` without CUDA, ``cuda:3`` on a
+    2-GPU machine) is refused before anything runs, with what the machine has."""
+    try:
+        resolve_device(cfg.device)
+    except DeviceError as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_runner(cfg: PipelineConfig) -> None:

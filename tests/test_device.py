@@ -168,3 +168,14 @@ def test_compiled_layers_train_like_eager_ones(tiny_model_dir, monkeypatch):
         assert all(getattr(l, "_compiled_call_impl", None) is not None for l in layers) == compiled
     assert abs(stats[0].loss - stats[1].loss) < 1e-5
     assert abs(stats[0].grad_norm - stats[1].grad_norm) < 1e-4 * max(1.0, stats[0].grad_norm)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_missing_device_is_refused_before_anything_runs(tiny_model_dir, tmp_path):
+    from opsd.config import ConfigError
+    from opsd.flows.steps import check_inputs
+    from tests.helpers import tiny_config, write_dataset
+
+    cfg = tiny_config(tiny_model_dir, write_dataset(tmp_path / "data.jsonl"))
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        check_inputs(PipelineConfig.model_validate({**cfg, "device": "cuda"}))
