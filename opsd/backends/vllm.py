@@ -99,7 +99,10 @@ def engine_settings(cfg, *, max_logprobs: int | None = None,
     if dtype == "auto":  # opsd's auto (the device's fast dtype), not vLLM's (the checkpoint's)
         from opsd.device import auto_dtype
 
-        dtype = auto_dtype(torch.device("cpu" if cpu else "cuda")).dtype
+        if cpu or torch.cuda.is_available():
+            dtype = auto_dtype(torch.device("cpu" if cpu else "cuda")).dtype
+        else:  # a GPU platform torch cannot see from here (vLLM's own workers hold the GPUs)
+            dtype = "bfloat16"
     kw: dict[str, Any] = {
         "dtype": dtype,
         "tensor_parallel_size": int(opt["tensor_parallel_size"]),
