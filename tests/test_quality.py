@@ -204,3 +204,41 @@ def test_trend_and_still_improving():
     assert still_improving([2.0] * 8 + [1.8, 1.5, 1.2, 1.0])
     assert not still_improving([2.0, 1.0, 0.5] + [0.5, 0.51, 0.49, 0.5] * 3)
     assert re.match(r"^-?\d", str(trend([float("nan"), 1, 2, 3, 4])))
+
+
+# ------------------------------------------------------------------ general suite, recipes
+
+
+def test_general_suite_is_eval_only_and_keyed_on_the_answer():
+    rows = load_rows("general")
+    assert len(rows) == 48 and {r.split for r in rows} == {"eval"}
+    for r in rows:
+        assert verify(r.verifier, f"Sure thing! It is {r.answer}. Hope this helps!", r).passed, r.id
+        assert not verify(r.verifier, "I do not know.", r).passed, r.id
+    assert len(load_rows("general?eval=5")) == 5
+    assert not {r.prompt for r in rows} & set(retention_stage.GENERAL_PROMPTS)
+
+
+def test_default_retention_panel_loads():
+    from opsd.config import RetentionConfig
+
+    rows = retention_stage.panel_rows(RetentionConfig())
+    tasks = Counter(r.task for r in rows)
+    assert tasks["general"] == 48 and len(tasks) == 3
+
+
+@pytest.mark.parametrize("name", ["opsd", "sft"])
+def test_facts_recipes_validate_and_share_their_evaluations(name):
+    from pathlib import Path
+
+    from opsd.config import load_config
+    from opsd.flows.runner import config_for_key
+
+    configs = Path(__file__).resolve().parent.parent / "configs" / "facts"
+    cfg = load_config(configs / f"{name}.yaml")
+    ref = load_config(configs / "opsd.yaml")
+    assert cfg.data.source == "facts" and cfg.retention.enabled and cfg.train.steps
+    assert cfg.teacher.context.views == ["system"]  # the document, nothing else
+    for section in ("model", "data", "eval"):
+        assert config_for_key(getattr(cfg, section)) == config_for_key(getattr(ref, section))
+    assert [b.label for b in cfg.eval.benchmarks] == ["facts-ood"]

@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from opsd.data.rows import Row
-from opsd.data.suites import behaviours, facts, reasoning_gym_suite
+from opsd.data.suites import behaviours, facts, general, reasoning_gym_suite
 from opsd.data.suites.source import SuiteSource, suite_name
 
 BUILTIN_SUITES: dict[str, Callable[[SuiteSource], list[Row]]] = {
     "behaviours": behaviours.build,
     "facts": facts.build,
+    "general": general.build,
     "reasoning_gym": reasoning_gym_suite.build,
 }
 
