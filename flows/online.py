@@ -1,6 +1,8 @@
 """Online pipeline as one Prefect flow: the student is resampled every iteration.
 
-dataset → evaluate(before, teacher) → [rollout_i → teacher_i → train_i → (evaluate_i)]* → evaluate(after)
+dataset → evaluate(before, teacher) → [rollout_i → teacher_i → train_i → (evaluate_i)]* → evaluate(after) → [retention]
+
+Every evaluation also scores the ``eval.benchmarks`` panel (flows/offline.py's task).
 
 Iteration artifacts are content-addressed and chained, so a rerun of the same
 config (after a crash, or to extend it) skips completed iterations; the resident
@@ -16,7 +18,9 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
 from opsd.flows import steps
-from opsd.flows.offline import TASK_OPTS, dataset_task, evaluate_task
+from opsd.flows.offline import TASK_OPTS, benchmarks_task, dataset_task, evaluate_task
+from opsd.flows.offline import retention_task
+from opsd.stages import retention as retention_stage
 from opsd.flows.online_loop import OnlineLoop, iteration_prompts
 from opsd.flows.reporting import finish_report
 from opsd.flows.runner import Pipeline
@@ -107,8 +111,10 @@ def online_flow(
         t_start = time.perf_counter()
         data = dataset_task(p, rows, None, force)
         evals = {"before": evaluate_task(p, rows, data, student, "evaluate/before", False, force)}
+        panels = {"before": benchmarks_task(p, student, "before", False, force)}
         if cfg.eval.teacher_ceiling:
             evals["teacher"] = evaluate_task(p, rows, data, teacher, "evaluate/teacher", True, force)
+            panels["teacher"] = benchmarks_task(p, teacher, "teacher", True, force)
         loop = OnlineLoop(p, rows, data, student, teacher)
         policy = student
         curve = [{"iteration": -1, "wall_seconds": 0.0,
@@ -126,12 +132,15 @@ def online_flow(
         loop.wait_saved()  # the last resume point is complete before the run reports done
         policy = checkpoint_task(p, loop)
         evals["after"] = evaluate_task(p, rows, data, policy, "evaluate/after", False, force)
+        panels["after"] = benchmarks_task(p, policy, "after", False, force)
+        retention = retention_task(p, student, policy, force, rows)
         curve.append({"iteration": len(loop.chain) - 1,
                       "wall_seconds": time.perf_counter() - t_start,
                       "greedy": evals["after"].manifest.get("greedy_macro")})
         (p.layout.run_dir(p.run_id) / "curve.json").write_text(json.dumps(curve, indent=1))
-        extra = {"online.iterations": float(len(loop.chain))}
+        extra = {"online.iterations": float(len(loop.chain)), **retention_stage.headline(retention)}
         if loop.res is not None:  # vLLM weight loads: in place vs engine rebuilds
             extra.update({f"online.engine_loads.{k}": float(v) for k, v in loop.res.engine_loads.items()})
         last = loop.chain[-1]
-        return finish_report(p, evals, rollouts=last[1], targets=last[2], extra=extra)
+        return finish_report(p, evals, rollouts=last[1], targets=last[2], extra=extra,
+                             benchmarks=panels)

@@ -124,3 +124,23 @@ def test_offline_flow_with_retention_and_a_live_teacher(tiny_model_dir, tmp_path
     m2 = offline_flow(config=cfg, root=str(root), show_progress=False)
     assert m2["stages_run"] == 0
     assert m2["retention.exact_match"] == m["retention.exact_match"]
+
+
+def test_online_flow_scores_benchmarks_and_retention(tiny_model_dir, tmp_path):
+    """The online flow evaluates the benchmark panel before and after and runs retention on the
+    final checkpoint, like the offline flow."""
+    from opsd.flows.online import online_flow
+    from tests.helpers import online_config, write_dataset
+
+    data = write_dataset(tmp_path / "data.jsonl")
+    cfg = online_config(tiny_model_dir, data, iterations=1, tracking={"log_model": False},
+                        retention={"enabled": True, "prompts": 3, "max_new_tokens": 4,
+                                   "panel": ["reasoning_gym:leg_counting?train=0&eval=2"],
+                                   "panel_max_new_tokens": 4},
+                        eval={"max_new_tokens": 6,
+                              "benchmarks": ["reasoning_gym:leg_counting?train=0&eval=2"]})
+    m = online_flow(config=cfg, root=str(tmp_path / "home"), show_progress=False)
+    for k in ("eval.before.leg_counting.greedy", "eval.after.leg_counting.greedy",
+              "eval.delta.leg_counting.greedy", "retention.panel_delta",
+              "retention.text_logprob_delta", "online.iterations"):
+        assert k in m, k
