@@ -14,7 +14,7 @@ from opsd.data.suites.behaviours_data import ANIMALS, COUNTRIES, FOODS, WORDS
 
 
 def test_builtin_suite_names() -> None:
-    assert set(BUILTIN_SUITES) == {"behaviours", "reasoning_gym"}
+    assert set(BUILTIN_SUITES) == {"behaviours", "facts", "general", "reasoning_gym"}
 
 
 def test_behaviours_default_sizes_and_fixed_split() -> None:
