@@ -163,21 +163,28 @@ def _run(recipe: Path, root: Path, log: Path, env: dict, timeout: float = 1800) 
     return rc, time.time() - t0
 
 
-def _ranks(session: int) -> list[int]:
-    """PIDs of the torchrun worker ranks in process group/session ``session``."""
-    out = []
+def _ranks(pid: int) -> list[int]:
+    """PIDs of the torchrun worker ranks under process ``pid`` (torchrun starts each rank in a
+    session of its own, so they are found by parent links, not by session)."""
+    children: dict[int, list[int]] = {}
+    commands: dict[int, bytes] = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
-            if os.getsid(int(d.name)) != session:
-                continue
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")
-        except (OSError, ProcessLookupError):
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            commands[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, ValueError, IndexError):
             continue
+        children.setdefault(ppid, []).append(int(d.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        cmd = commands.get(p, b"")
         if b"opsd.stages.train_worker" in cmd and b"torch.distributed.run" not in cmd:
-            out.append(int(d.name))
-    return sorted(out)
+            found.append(p)
+    return sorted(found)
 
 
 # ------------------------------------------------------------------ catalog views
@@ -425,6 +432,8 @@ def plan(refs: dict[str, Reference], kills: int, which: str) -> list[tuple[str, 
     """(mode, label, kind) of each kill: round-robin over every stage of every mode."""
     if which == "quick":
         targets = [(m, label, "group") for m, label in QUICK]
+    elif which == "dist":
+        targets = [("dist", "train", "rank")]
     else:
         targets = [(m, label, "group") for m in ("offline", "online") for label in refs[m].stages]
         targets.append(("dist", "train", "rank"))
@@ -438,7 +447,7 @@ def summary(kills: list[Kill]) -> dict:
     landed = [k for k in kills if k.outcome.startswith("killed")]
     rec = [k.recomputed_seconds for k in landed]
     return {
-        "kills": len(kills), "landed": len(landed),
+        "kills_planned": len(kills), "sigkills_sent": len(landed),
         "inside_target": sum(k.target in k.landed for k in landed),
         "reruns_finished": sum(k.rerun_rc == 0 for k in kills),
         "reruns_reused_all_completed": sum(k.rerun_rc == 0 and not k.not_reused for k in kills),
@@ -457,7 +466,7 @@ def summary(kills: list[Kill]) -> dict:
 
 
 def table(kills: list[Kill]) -> str:
-    lines = ["| mode | stage killed | kills | landed in that stage | damaged/orphaned after kill | "
+    lines = ["| mode | stage aimed at | SIGKILLs sent | landed in that stage | damaged/orphaned after kill | "
              "reruns finished | reused all completed | equal to clean run | damaged/orphaned/unfinished "
              "after rerun | recomputed s per kill (mean / max) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -469,7 +478,8 @@ def table(kills: list[Kill]) -> str:
         bad_kill = sum(len(k.after_kill.get("damaged", [])) + len(k.after_kill.get("orphans", [])) for k in ks)
         bad_rerun = sum(sum(len(v) for v in k.after_rerun.values()) + len(k.stale_staging) for k in ks)
         lines.append(
-            f"| {mode} | {target} | {len(ks)} | {sum(k.target in k.landed for k in ks)} | {bad_kill} | "
+            f"| {mode} | {target} | {sum(k.outcome.startswith('killed') for k in ks)} of {len(ks)} | "
+            f"{sum(k.target in k.landed for k in ks)} | {bad_kill} | "
             f"{sum(k.rerun_rc == 0 for k in ks)} | {sum(k.rerun_rc == 0 and not k.not_reused for k in ks)} | "
             f"{sum(k.rerun_rc == 0 and not k.diffs for k in ks)} | {bad_rerun} | "
             f"{statistics.mean(rec):.1f} / {max(rec):.1f} |")
@@ -479,7 +489,12 @@ def table(kills: list[Kill]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=100, help="kills in all (spread over the targets)")
-    ap.add_argument("--plan", choices=("full", "quick"), default="full")
+    ap.add_argument("--plan", choices=("full", "quick", "dist"), default="full",
+                    help="full: every stage of every mode; quick: the test suite's two kills; "
+                    "dist: only one-of-two-ranks kills")
+    ap.add_argument("--resume-from", type=Path, default=None,
+                    help="a --json report of an earlier soak: its kills are kept and counted, the "
+                    "new ones appended (numbered after them)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / "results" / "faults-work")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "faults.json",
@@ -504,12 +519,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _soak(args, base: Path, env: dict) -> int:
     model = tiny_model(base / "tiny")
-    modes = sorted({m for m, _ in QUICK}) if args.plan == "quick" else list(MODES)
+    modes = {"quick": sorted({m for m, _ in QUICK}), "dist": ["dist"]}.get(args.plan, list(MODES))
     refs = {m: reference(m, base, model, env) for m in modes}
     rng = random.Random(args.seed)
     kills: list[Kill] = []
+    if args.resume_from is not None:
+        kills = [Kill(**k) for k in json.loads(args.resume_from.read_text())["kills"]]
+    first = len(kills)
     t0 = time.time()
-    for i, (mode, target, kind) in enumerate(plan(refs, args.kills, args.plan)):
+    for i, (mode, target, kind) in enumerate(plan(refs, args.kills, args.plan), start=first):
         k = strike(Kill(i, mode, target, kind), refs[mode], base, rng, env)
         kills.append(k)
         print(f"[{time.time() - t0:7.0f}s] kill {i:3d} {mode:<7} {target:<18} {k.outcome:<22} "

@@ -26,7 +26,7 @@ from opsd.config import TrainConfig
 from opsd.pool import ModelPool, Policy
 from opsd.stages import train as train_stage
 from opsd.stages.common import Artifact, StageContext
-from opsd.training.distributed import DataParallel, backend_for, run_node
+from opsd.training.distributed import DataParallel, backend_for, exit_when_orphaned, run_node
 
 
 def rank_device(kind: str, local_rank: int) -> torch.device:
@@ -40,6 +40,7 @@ def rank_device(kind: str, local_rank: int) -> torch.device:
 def main(spec_path: str) -> None:
     """Worker entry point (one per rank, started by torchrun)."""
     spec = json.loads(Path(spec_path).read_text())
+    exit_when_orphaned(spec.get("owner"))  # a killed run must not leave its ranks training
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = rank_device(spec.get("device", "cpu"), int(os.environ.get("LOCAL_RANK", "0")))
     cfg = TrainConfig.model_validate(spec["train"])

@@ -36,6 +36,65 @@ def test_killed_runs_resume_to_the_clean_result(tmp_path):
         and not k["after_kill"]["damaged"] and not k["after_kill"]["orphans"]
         and not any(k["after_rerun"].values()) and not k["stale_staging"])]
     assert problems == [], json.dumps(problems, indent=1)
-    assert s["kills"] == 2 and s["ok"], s
-    assert s["landed"] >= 1, s  # a kill may miss the short rollout stage; train's must land
+    assert s["kills_planned"] == 2 and s["ok"], s
+    assert s["sigkills_sent"] >= 1, s  # a kill may miss the short rollout stage; train's lands
     assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def _ranks_under(pid: int) -> list[int]:
+    """torchrun worker ranks below ``pid`` (by parent links: each rank has a session of its own)."""
+    children: dict[int, list[int]] = {}
+    commands: dict[int, bytes] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                commands[int(d.name)] = (d / "cmdline").read_bytes()
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        if b"opsd.stages.train_worker" in commands.get(p, b"") \
+                and b"torch.distributed.run" not in commands.get(p, b""):
+            found.append(p)
+    return found
+
+
+@pytest.mark.timeout(900)
+def test_a_killed_run_leaves_no_torchrun_rank_training(tiny_model_dir, tmp_path):
+    """torchrun gives every rank a session of its own: SIGKILLing the run's process group used to
+    leave both ranks training into the staging folder the rerun resumes from. They now end
+    themselves within seconds of losing their run."""
+    import signal
+    import time
+
+    from tests.helpers import tiny_config, write_dataset
+
+    cfg = tiny_config(tiny_model_dir, write_dataset(tmp_path / "data.jsonl"))
+    cfg["train"].update(world_size=2, epochs=20)  # long enough to be killed mid-training
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "opsd.cli", "run", str(recipe), "--root",
+                             str(tmp_path / "home"), "--no-progress"],
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ranks: list[int] = []
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline and len(ranks) < 2:
+        ranks = _ranks_under(proc.pid)
+        time.sleep(0.2)
+    assert len(ranks) == 2, "the two ranks never started"
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its torchrun agent, as a node failure would
+    proc.wait()
+    t0 = time.time()
+    while any(Path(f"/proc/{p}").exists() for p in ranks) and time.time() - t0 < 60:
+        time.sleep(0.2)
+    alive = [p for p in ranks if Path(f"/proc/{p}").exists()]
+    for p in alive:  # do not leave them behind if the check fails
+        os.kill(p, signal.SIGKILL)
+    assert alive == [], f"ranks still training {time.time() - t0:.0f}s after their run was killed"

@@ -368,9 +368,44 @@ def launch(spec: dict, work_dir: Path, world_size: int, *, nnodes: int = 1,
     spec_path = work_dir / "dist_spec.json"
     spec = {**spec, "nproc_per_node": world_size, "nnodes": nnodes, "rdzv_endpoint": rdzv_endpoint,
             # one rendezvous per stage folder: a rerun of the same stage joins a new one
-            "rdzv_id": spec.get("rdzv_id") or f"opsd-{os.getpid()}-{_free_port()}"}
+            "rdzv_id": spec.get("rdzv_id") or f"opsd-{os.getpid()}-{_free_port()}",
+            # the ranks end themselves when this process dies (exit_when_orphaned)
+            "owner": {"pid": os.getpid(), "host": socket.gethostname()}}
     spec_path.write_text(json.dumps(spec, indent=2))
     run_node(spec_path, log_name=log_name)
+
+
+def exit_when_orphaned(owner: dict | None, interval: float = 1.0) -> None:
+    """Make this rank end (SIGKILL) within ``interval`` seconds of losing its run.
+
+    torchrun starts every rank in a session of its own, so a SIGKILL of the run's process group
+    (a killed ``opsd run``, what a node failure does to it) leaves the ranks alive: measured,
+    both ranks of a killed run went on training and writing into the stage's staging folder —
+    the folder the rerun resumes from and writes too. A daemon thread watches the rank's parent
+    (the torchrun agent) and, on the owner's host, the process that launched the stage."""
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+    local = owner is not None and owner.get("host") == socket.gethostname()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent or (local and not alive(int(owner["pid"]))):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="opsd-orphan-watch").start()
 
 
 def run_node(spec_path: Path, log_name: str = "dist.log") -> None:
