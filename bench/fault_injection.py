@@ -492,9 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan", choices=("full", "quick", "dist"), default="full",
                     help="full: every stage of every mode; quick: the test suite's two kills; "
                     "dist: only one-of-two-ranks kills")
-    ap.add_argument("--resume-from", type=Path, default=None,
-                    help="a --json report of an earlier soak: its kills are kept and counted, the "
-                    "new ones appended (numbered after them)")
+    ap.add_argument("--resume-from", type=Path, nargs="+", default=[],
+                    help="--json reports of earlier soaks: their kills are kept and counted, the "
+                    "new ones appended (numbered after them); with --kills 0 this only merges")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / "results" / "faults-work")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "faults.json",
@@ -520,14 +520,15 @@ def main(argv: list[str] | None = None) -> int:
 def _soak(args, base: Path, env: dict) -> int:
     model = tiny_model(base / "tiny")
     modes = {"quick": sorted({m for m, _ in QUICK}), "dist": ["dist"]}.get(args.plan, list(MODES))
-    refs = {m: reference(m, base, model, env) for m in modes}
+    refs = {m: reference(m, base, model, env) for m in modes} if args.kills else {}
     rng = random.Random(args.seed)
     kills: list[Kill] = []
-    if args.resume_from is not None:
-        kills = [Kill(**k) for k in json.loads(args.resume_from.read_text())["kills"]]
+    for earlier in args.resume_from:
+        kills += [Kill(**k) for k in json.loads(earlier.read_text())["kills"]]
     first = len(kills)
     t0 = time.time()
-    for i, (mode, target, kind) in enumerate(plan(refs, args.kills, args.plan), start=first):
+    todo = plan(refs, args.kills, args.plan) if args.kills else []
+    for i, (mode, target, kind) in enumerate(todo, start=first):
         k = strike(Kill(i, mode, target, kind), refs[mode], base, rng, env)
         kills.append(k)
         print(f"[{time.time() - t0:7.0f}s] kill {i:3d} {mode:<7} {target:<18} {k.outcome:<22} "
