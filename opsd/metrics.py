@@ -43,8 +43,9 @@ def macro(values: dict[str, float]) -> float:
 
 def trend(values: Sequence[float], *, tail: float = 0.5) -> float:
     """Relative change of a curve over its last ``tail`` fraction: the least-squares line through
-    those points, ``(fit(last) − fit(first)) / |mean|``. −0.2: the quantity fell by 20 % of its
-    level over that window (a loss still falling); ~0: flat. 0.0 with fewer than 4 points."""
+    those points, ``(fit(last) − fit(first)) / |fit(first)|``. −0.2: the quantity fell by a fifth
+    of where the window started (a loss still falling); ~0: flat; a positive loss falling
+    towards 0 gives at least −1. 0.0 with fewer than 4 points."""
     pts = [float(v) for v in values if v is not None and v == v]
     n = max(4, int(round(len(pts) * tail)))
     pts = pts[-n:]
@@ -53,7 +54,8 @@ def trend(values: Sequence[float], *, tail: float = 0.5) -> float:
     xs = range(len(pts))
     mx, my = (len(pts) - 1) / 2, sum(pts) / len(pts)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, pts)) / sum((x - mx) ** 2 for x in xs)
-    return slope * (len(pts) - 1) / max(abs(my), 1e-12)
+    start = my - slope * mx
+    return slope * (len(pts) - 1) / max(abs(start), 1e-12)
 
 
 def still_improving(losses: Sequence[float], *, tail: float = 0.5, min_drop: float = 0.1) -> bool:

@@ -200,7 +200,8 @@ def test_step_budget_replaces_epochs_in_the_content_key():
 def test_trend_and_still_improving():
     assert trend([1.0] * 10) == 0.0
     assert trend([3.0, 2.0]) == 0.0  # too few points
-    assert trend([10, 9, 8, 7, 6, 5, 4, 3]) == pytest.approx(-3 / 4.5)
+    assert trend([10, 9, 8, 7, 6, 5, 4, 3]) == pytest.approx(-3 / 6)  # 6 -> 3 over the last half
+    assert trend([1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01]) >= -1.0
     assert still_improving([2.0] * 8 + [1.8, 1.5, 1.2, 1.0])
     assert not still_improving([2.0, 1.0, 0.5] + [0.5, 0.51, 0.49, 0.5] * 3)
     assert re.match(r"^-?\d", str(trend([float("nan"), 1, 2, 3, 4])))
@@ -237,8 +238,20 @@ def test_facts_recipes_validate_and_share_their_evaluations(name):
     configs = Path(__file__).resolve().parent.parent / "configs" / "facts"
     cfg = load_config(configs / f"{name}.yaml")
     ref = load_config(configs / "opsd.yaml")
-    assert cfg.data.source == "facts" and cfg.retention.enabled and cfg.train.steps
+    assert cfg.data.source.startswith("facts") and cfg.retention.enabled and cfg.train.steps
     assert cfg.teacher.context.views == ["system"]  # the document, nothing else
     for section in ("model", "data", "eval"):
         assert config_for_key(getattr(cfg, section)) == config_for_key(getattr(ref, section))
     assert [b.label for b in cfg.eval.benchmarks] == ["facts-ood"]
+    assert cfg.data.source.startswith("facts?context=entity")
+
+
+def test_facts_anchors_are_rule_free_train_rows_outside_every_panel():
+    rows = load_rows("facts?anchors=10")
+    anchors = [r for r in rows if r.task == "anchor"]
+    assert len(anchors) == 10 and len(rows) == 236 + 10
+    assert all(r.split == "train" and r.privileged_context is None and r.verifier is None
+               for r in anchors)
+    panels = {r.prompt for r in load_rows("general")} | set(retention_stage.GENERAL_PROMPTS)
+    assert not panels & {r.prompt for r in anchors}
+    assert retention_stage.taught_rules(anchors) == []

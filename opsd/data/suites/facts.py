@@ -19,11 +19,19 @@ A reply passes when it contains the fact's key token(s) as whole words, case-ins
 (both facts' keys for ``compose``). ``?context=entity`` gives the teacher only the section of the
 document about the entity asked about (a retrieval-style context: shorter, easier to copy from)
 instead of the whole world.
+
+``?anchors=N`` adds N *anchor* rows to the train split: everyday questions unrelated to the world
+(task ``anchor``) with no privileged context, so the teacher reads exactly what the student reads
+and its targets are the frozen base model's own distribution — a KL-to-base term on unrelated
+prompts inside the same objective. Trained on fact questions alone, the student learns to answer
+*every* question from the fictional world ("the largest ocean is the Olvane"); the anchors keep
+its other answers where they were (docs/quality.md has both measured).
 """
 
 from __future__ import annotations
 
 from opsd.data.rows import Row
+from opsd.data.suites.behaviours import RULES
 from opsd.data.suites.facts_data import ATTRIBUTES, ENTITIES, JOINT_PAIRS, OOD_OPENERS, Entity
 from opsd.data.suites.source import SuiteSource
 
@@ -60,7 +68,7 @@ def build(source: SuiteSource) -> list[Row]:
     """Rows for ``facts[?eval_set=heldout|ood&context=world|entity]``."""
     eval_set = source.choice("eval_set", EVAL_SETS)
     context = source.choice("context", CONTEXTS)
-    source.int_params({}, ignore=("eval_set", "context"))
+    n_anchors = source.int_params({"anchors": 0}, ignore=("eval_set", "context"))["anchors"]
     if source.arg is not None:
         raise source.error("the facts suite takes no ':' argument")
     world = document()
@@ -84,6 +92,7 @@ def build(source: SuiteSource) -> list[Row]:
         for j, template in enumerate(spec.train):
             rows.append(row(f"train/{i:02d}-{j}", template.format(s=entity.name), (key,), value,
                             "train", "recall", entity, attr))
+    rows += anchors(n_anchors)
     if eval_set == "ood":
         for i, (entity, attr) in enumerate(facts()):
             spec, (value, key) = ATTRIBUTES[entity.kind][attr], entity.values[attr]
@@ -111,3 +120,14 @@ def build(source: SuiteSource) -> list[Row]:
         rows.append(row(f"compose/{i:02d}", question, keys, answer, "eval", "compose", entity,
                         f"{a}+{b}"))
     return rows
+
+
+def anchors(n: int) -> list[Row]:
+    """``n`` rule-free train questions without privileged context, taken in turn from the four
+    question pools of the ``behaviours`` suite (capitals, cooking, animals, word meanings) but
+    without its demonstrations: nothing in them is the fictional world's, and none is in the
+    ``general`` panel or the retention prompts."""
+    pools = [[rule.question(item) for item, _ in rule.items] for rule in RULES.values()]
+    return [Row(id=f"facts/anchor/{i:03d}", prompt=pools[i % len(pools)][i // len(pools)],
+                split="train", task="anchor", metadata={"suite": "facts", "anchor": True})
+            for i in range(n)]
