@@ -114,6 +114,7 @@ class Pipeline:
         self._computed: set[str] = set()  # keys of the artifacts this process computed
         self._extras: dict[str, dict] = {}  # key → in-memory results of that stage (StageContext.extras)
         self._t0 = time.perf_counter()
+        self._free_at_start: int | None = None  # bytes free under the root when a stage started
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -285,6 +286,8 @@ class Pipeline:
         if force and staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True, exist_ok=True)  # existing shards of a killed attempt survive
+        # a stage that fills the disk needed more than this: its message says so
+        self._free_at_start = shutil.disk_usage(staging).free
         ctx = StageContext(out_dir=staging, pool=self.pool, show_progress=self.show_progress)
         if self.tracker and stage_run:
             tracker, rid = self.tracker, stage_run
@@ -382,9 +385,13 @@ class Pipeline:
             earlier = self.catalog.largest_artifact(stage)
         except Exception:  # noqa: BLE001 - the catalog's snapshot may need space too
             earlier = None
+        at_start = self._free_at_start
         if earlier and earlier > written:
             need = (f"It needs about {_size(earlier - written)} more ({_size(earlier)} in all, the "
                     f"largest earlier '{stage}' artifact here)")
+        elif at_start is not None and at_start > free:
+            need = (f"It needs more than the {_size(at_start)} that were free when it started: it "
+                    "filled them")
         else:
             need = (f"It needs more than the {_size(written)} it had written (no earlier "
                     f"'{stage}' artifact here as large to estimate from)")
