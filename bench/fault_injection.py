@@ -378,10 +378,12 @@ def strike(k: Kill, ref: Reference, base: Path, rng: random.Random, env: dict) -
                 k.outcome = "killed"
             break
         time.sleep(0.01)
-    if not k.outcome:
-        if proc.poll() is None:
+    if not k.outcome:  # the stage ended before the kill was due: let the run end by itself
+        try:
+            rc = proc.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-        rc = proc.wait()
+            rc = proc.wait()
         k.outcome = "finished-before-kill" if rc == 0 else f"exit-{rc}"
     killed_run = _last_run(root)
     spent: dict[str, float] = {}
