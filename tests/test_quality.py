@@ -255,3 +255,14 @@ def test_facts_anchors_are_rule_free_train_rows_outside_every_panel():
     panels = {r.prompt for r in load_rows("general")} | set(retention_stage.GENERAL_PROMPTS)
     assert not panels & {r.prompt for r in anchors}
     assert retention_stage.taught_rules(anchors) == []
+
+
+def test_reasoning_gym_rows_with_fractions_load_and_round_trip():
+    from fractions import Fraction
+
+    from opsd.data import jsonsafe
+
+    value = {"x": Fraction(2, 1), "ys": [Fraction(1, 3), (Fraction(5, 2),)]}
+    assert jsonsafe.decode(jsonsafe.encode(value)) == value
+    rows = load_rows("reasoning_gym:gsm_symbolic?train=1&eval=2")  # failed to load before
+    assert len(rows) == 3 and rows[0].views().solution
