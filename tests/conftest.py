@@ -52,6 +52,52 @@ def pytest_unconfigure(config):
         shutil.rmtree(home, ignore_errors=True)
 
 
+_SERVICE_SETTINGS = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")
+
+
+@pytest.fixture(autouse=True)
+def _services_stay_where_they_were():
+    """A test that points MLflow or Prefect somewhere else must not take every later test with
+    it: ``mlflow.set_tracking_uri`` exports MLFLOW_TRACKING_URI, which opsd's tracker honours (CI
+    once ran 35 tests against one test's store and a server that had stopped)."""
+    import sys
+
+    before = {k: os.environ.get(k) for k in _SERVICE_SETTINGS}
+    yield
+    for key, value in before.items():
+        if os.environ.get(key) != value:
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])
+
+
+@pytest.fixture(autouse=True)
+def _prefect_server_outlives_each_test():
+    """The in-process flow runs of the session share one temporary Prefect server (Prefect
+    starts it on the first flow run). If it dies during a test, that test errors with the
+    server's exit code and the next flow run starts a new server — instead of every later
+    Prefect test failing with "connection refused", as one CI run did (35 tests)."""
+    import sys
+
+    yield
+    if "prefect.server.api.server" not in sys.modules:
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    for server in list(SubprocessASGIServer._instances.values()):
+        proc = getattr(server, "server_process", None)
+        if server.running and proc is not None and proc.poll() is not None:
+            server.running = False  # start() launches a new one on the next flow run
+            pytest.fail(f"the test session's temporary Prefect server (port {server.port}, pid "
+                        f"{proc.pid}) exited with code {proc.returncode} during this test",
+                        pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def smol_path() -> Path:
     """The real SmolLM2-135M-Instruct, converted once into the model cache."""

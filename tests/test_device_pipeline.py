@@ -58,9 +58,11 @@ def test_resolved_config_is_what_ran(cpu_run):
 
 
 def test_stage_peak_memory_reaches_mlflow(cpu_run):
-    import mlflow
+    from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{Path(cpu_run['root']) / 'mlflow.db'}")
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    # a client of its own: mlflow.set_tracking_uri would export MLFLOW_TRACKING_URI to every
+    # later run in this process
+    client = MlflowClient(f"sqlite:///{Path(cpu_run['root']) / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     with_peak = [r for r in runs if "peak_memory_gib" in r.data.metrics]
     assert with_peak, "no stage run logged peak_memory_gib"

@@ -127,15 +127,18 @@ def test_fsdp_resumes_after_kill(artifacts):
             errors.append(e)
 
     errors: list = []
+    # the session's Prefect server is a child of this process too: kill only what the run starts
+    already = {p.pid for p in psutil.Process().children(recursive=True)}
     first = threading.Thread(target=train, args=(errors,))
     first.start()
     state = out / "resume" / "trainer_state.json"
     deadline = time.monotonic() + 300
     while not state.exists() and first.is_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
-    # torchrun and its ranks: the children this test process started
+    # torchrun and its ranks: the children this run started
     for p in psutil.Process().children(recursive=True):
-        p.send_signal(signal.SIGKILL)
+        if p.pid not in already:
+            p.send_signal(signal.SIGKILL)
     first.join()
     assert errors and "failed" in str(errors[0]), "the run ended before it could be killed"
     saved = json.loads(state.read_text())["counters"]
