@@ -14,7 +14,8 @@ For every suite, the greedy pass rate on its eval split of
 ``gap`` = best teacher − student: the most a self-distillation recipe on that suite can hope to
 move the student (OPSD trains the student toward the teacher; it does not exceed it). A suite with
 no gap cannot be taught by self-distillation at this model size, whatever the objective.
-Reasoning-gym rows get an ``answer`` view always and a ``solution`` view where the task ships a
+In brackets: the share of greedy replies that contain the expected answer anywhere, whatever
+their format (where rows have an answer). Reasoning-gym rows get an ``answer`` view always and a ``solution`` view where the task ships a
 worked solution (see opsd.data.suites.reasoning_gym_suite).
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +54,21 @@ def views_present(rows) -> list[str]:
     return [v for v in VIEW_ORDER if v in have]
 
 
+def contains_answer(rows, folder: Path) -> float | None:
+    """Share of greedy replies that contain the row's expected answer anywhere (case-insensitive):
+    whether the information is in the reply, whatever its format — a strict task scorer fails
+    "The correct order is: You have tried it already." against "You have tried it already?"."""
+    from opsd.storage.parquet import read_table
+
+    answers = {r.id: r.answer for r in rows if r.answer}
+    if not answers:
+        return None
+    t = read_table(folder).to_pydict()
+    hits = [answers[rid].strip().lower().rstrip(".?!") in text.lower()
+            for rid, text, g in zip(t["row_id"], t["text"], t["greedy"]) if g and rid in answers]
+    return sum(hits) / len(hits) if hits else None
+
+
 def ceilings(suite: str, *, max_new_tokens: int, batch_size: int, dtype: str, pool, policy,
              eval_limit: int | None = None, views: list[str] | None = None) -> dict:
     """Greedy pass rates (macro over tasks) of the student and of the teacher per view."""
@@ -73,7 +90,9 @@ def ceilings(suite: str, *, max_new_tokens: int, batch_size: int, dtype: str, po
                            show_progress=False)
         m = evaluate.run(cfg, rows, policy, ctx, label=name, with_context=context)
         entry = {"greedy": m["greedy_macro"], "per_task": m["greedy"],
-                 "truncated": m["greedy_truncated"], "seconds": time.perf_counter() - t0}
+                 "truncated": m["greedy_truncated"], "seconds": time.perf_counter() - t0,
+                 "contains": contains_answer(rows, ctx.out_dir)}
+        shutil.rmtree(ctx.out_dir, ignore_errors=True)  # the replies were read: leave no /tmp litter
         if name == "student":
             out["student"] = entry
         else:
@@ -89,9 +108,15 @@ def table(results: list[dict]) -> str:
     views = [v for v in VIEW_ORDER if any(v in r["views"] for r in results)]
     head = ["suite", "eval rows", "student"] + [f"teacher + {v}" for v in views] + ["gap"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(e: dict) -> str:
+        # pass rate, and in brackets the share of replies that contain the answer at all
+        c = e.get("contains")
+        return f"{e['greedy'] * 100:.1f}%" + (f" ({c * 100:.0f}%)" if c is not None else "")
+
     for r in results:
-        cells = [f"`{r['suite']}`", str(r["rows"]), f"{r['student']['greedy'] * 100:.1f}%"]
-        cells += [f"{r['views'][v]['greedy'] * 100:.1f}%" if v in r["views"] else "-" for v in views]
+        cells = [f"`{r['suite']}`", str(r["rows"]), cell(r["student"])]
+        cells += [cell(r["views"][v]) if v in r["views"] else "-" for v in views]
         cells.append(f"**{r['gap'] * 100:+.1f}**")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
