@@ -230,6 +230,23 @@ class GuidanceConfig(_Strict):
         0.5, ge=0.0, le=1.0, description="...and the teacher's top token has at least this mass."
     )
     max_per_sample: int = Field(4, ge=1, description="At most this many teacher tokens per reply.")
+    mode: Literal["replace", "mix"] = Field(
+        "replace", description="replace: the teacher replaces the tokens it strongly rejects "
+        "(threshold, min_teacher_prob, max_per_sample); mix: MixSD (Liu et al. 2026) - every "
+        "token is drawn from the mixture mix * pT + (1 - mix) * pS of the teacher's conditional "
+        "(privileged context: the 'expert') and the student's own (the 'naive' prior); train "
+        "on those replies with objective nll (configs/facts/mixsd.yaml).",
+    )
+    mix: float = Field(
+        0.5, gt=0.0, le=1.0, description="mode=mix: the weight of the teacher's conditional in "
+        "the mixture (the expected share of reply tokens it draws).",
+    )
+
+    def irrelevant(self) -> set[str]:
+        # mode and mix were added after content keys existed: out of the key unless mixing
+        if self.mode == "mix":
+            return {"threshold", "min_teacher_prob", "max_per_sample"}
+        return {"mode", "mix"}
 
 
 class VLLMEngineConfig(_Strict):

@@ -95,7 +95,8 @@ def write_shard(job: RolloutShard, tokenizer, engine, guide_model=None, progress
             teacher_ids(tokenizer, r, build_context(r, job.context), student_turn_ids(tokenizer, r))
             for r in chunk
         ]
-        guidance = Guidance(guide_model, contexts, g.threshold, g.min_teacher_prob, g.max_per_sample)
+        guidance = Guidance(guide_model, contexts, g.threshold, g.min_teacher_prob, g.max_per_sample,
+                            g.mode, g.mix)
     gen_prompts = prompts
     if from_teacher:
         gen_prompts = [

@@ -112,6 +112,18 @@ class Guidance:
     line) never appears in its rollouts, so no teacher target ever teaches its
     continuation. Related: SKD (Xu et al., 2024) replaces student tokens outside
     the teacher's top-k.
+
+    With ``mode="mix"`` (MixSD, Liu et al. 2026, "Mixed Contextual Self-Distillation for
+    Knowledge Injection") no token is corrected: every token is drawn from the mixture of the
+    two conditionals of the same model,
+
+        y_t ~ q_t = mix · πT(· | context, y_<t) + (1 − mix) · πS(· | y_<t),
+
+    the "expert" that reads the fact and the "naive" prior, so the reply carries the fact in
+    tokens the model itself finds likely; SFT (objective ``nll``) on such replies injects the
+    knowledge with supervision close to the model's own distribution. Drawn as the paper's
+    mixing of tokens: per row and step a Bernoulli(mix) picks the conditional, and one uniform
+    (the same as plain sampling) draws from it — exactly ``q_t``, see :func:`mix_step`.
     """
 
     model: torch.nn.Module
@@ -119,6 +131,8 @@ class Guidance:
     threshold: float = 3.0
     min_teacher_prob: float = 0.5
     max_per_sample: int = 4
+    mode: str = "replace"  # or "mix"
+    mix: float = 0.5
 
 
 def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
@@ -209,23 +223,44 @@ class _Decoder:
         return o.logits[:, -1].float()
 
 
-def _sample(logits_BV: torch.Tensor, params: SamplingParams, gen: torch.Generator):
-    """(next token, log-probs of the sampling distribution) per row.
-
-    Inverse-CDF sampling: one uniform per row. ``torch.multinomial`` draws an
-    exponential per vocabulary entry — ~100 ms per step for 128 × 49k on a CPU,
-    more than the model's own forward.
-    """
+def _dist(logits_BV: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Log-probs of the sampling distribution (temperature, top-p) per row."""
     if params.temperature == 0:
-        logp_BV = logits_BV.log_softmax(-1)
-        return logp_BV.argmax(-1), logp_BV
-    logp_BV = _filter_top_p(logits_BV / params.temperature, params.top_p).log_softmax(-1)
-    cdf_BV = logp_BV.exp().cumsum(-1)
+        return logits_BV.log_softmax(-1)
+    return _filter_top_p(logits_BV / params.temperature, params.top_p).log_softmax(-1)
+
+
+def _uniforms(rows: int, gen: torch.Generator) -> torch.Tensor:
     # the uniforms come from the host generator on every device: one seed, one stream
-    u_B1 = torch.rand((logp_BV.shape[0], 1), generator=gen, dtype=cdf_BV.dtype)
-    u_B1 = u_B1.to(cdf_BV.device) * cdf_BV[:, -1:]
-    next_B = torch.searchsorted(cdf_BV, u_B1).squeeze(-1).clamp_max(logp_BV.shape[-1] - 1)
-    return next_B, logp_BV
+    return torch.rand((rows, 1), generator=gen, dtype=torch.float32)
+
+
+def _draw(logp_BV: torch.Tensor, u_B1: torch.Tensor, greedy: bool) -> torch.Tensor:
+    """Inverse-CDF sampling with one uniform per row (``torch.multinomial`` draws an exponential
+    per vocabulary entry — ~100 ms per step for 128 × 49k on a CPU, more than the model's own
+    forward); the argmax when greedy."""
+    if greedy:
+        return logp_BV.argmax(-1)
+    cdf_BV = logp_BV.exp().cumsum(-1)
+    u_B1 = u_B1.to(device=cdf_BV.device, dtype=cdf_BV.dtype) * cdf_BV[:, -1:]
+    return torch.searchsorted(cdf_BV, u_B1).squeeze(-1).clamp_max(logp_BV.shape[-1] - 1)
+
+
+def _sample(logits_BV: torch.Tensor, params: SamplingParams, gen: torch.Generator):
+    """(next token, log-probs of the sampling distribution) per row."""
+    logp_BV = _dist(logits_BV, params)
+    greedy = params.temperature == 0
+    u_B1 = None if greedy else _uniforms(logp_BV.shape[0], gen)
+    return _draw(logp_BV, u_B1, greedy), logp_BV
+
+
+def mix_step(s_logp_BV: torch.Tensor, t_logp_BV: torch.Tensor, u_B1: torch.Tensor | None,
+             pick_B: torch.Tensor) -> torch.Tensor:
+    """One MixSD token per row: from the teacher's distribution where ``pick_B`` (a
+    Bernoulli(mix) draw), else from the student's, both with the same uniform ``u_B1`` (None:
+    greedy). The pick is independent of ``u``, so ``P(y) = mix · pT(y) + (1 − mix) · pS(y)``."""
+    greedy = u_B1 is None
+    return torch.where(pick_B, _draw(t_logp_BV, u_B1, greedy), _draw(s_logp_BV, u_B1, greedy))
 
 
 class HFGenerator:
@@ -249,15 +284,18 @@ class HFGenerator:
         """n replies per prompt; results ordered by (prompt_index, sample_index)."""
         work = [(p, s) for p in range(len(prompts)) for s in range(params.n)]
         gen = torch.Generator().manual_seed(params.seed)
+        # MixSD's conditional picks: a stream of their own, so the sampling uniforms stay those
+        # of plain sampling with the same seed
+        pick_gen = torch.Generator().manual_seed(params.seed + 1)
         out: list[Generation] = []
         for start in range(0, len(work), self.batch_size):
             chunk = work[start : start + self.batch_size]
-            out.extend(self._generate_batch(prompts, chunk, params, gen, guidance))
+            out.extend(self._generate_batch(prompts, chunk, params, gen, guidance, pick_gen))
             if progress:
                 progress(len(chunk))
         return out
 
-    def _generate_batch(self, prompts, index, params: SamplingParams, gen, guidance):
+    def _generate_batch(self, prompts, index, params: SamplingParams, gen, guidance, pick_gen):
         B = len(index)
         student = _Decoder(self.model, self.pad_id)
         logits_BV = student.prefill([prompts[p] for p, _ in index], params.max_new_tokens)
@@ -276,10 +314,19 @@ class HFGenerator:
         stop_set = set(self.stop_ids)
         finished = [False] * B  # per live row: already ended (kept until the next compaction)
         done_B = torch.zeros(B, dtype=torch.bool, device=dev)
+        mixing = guidance is not None and guidance.mode == "mix"
         for t in range(params.max_new_tokens):
-            next_B, logp_BV = _sample(logits_BV, params, gen)
-            fix_B = torch.zeros_like(done_B)
-            if teacher is not None:
+            if mixing:
+                logp_BV, t_logp_BV = _dist(logits_BV, params), _dist(t_logits_BV, params)
+                greedy = params.temperature == 0
+                u_B1 = None if greedy else _uniforms(logp_BV.shape[0], gen)
+                pick_B = (torch.rand(logp_BV.shape[0], generator=pick_gen) < guidance.mix).to(dev)
+                next_B = mix_step(logp_BV, t_logp_BV, u_B1, pick_B)
+                fix_B = pick_B & ~done_B  # recorded as the teacher's tokens ("guided")
+            else:
+                next_B, logp_BV = _sample(logits_BV, params, gen)
+                fix_B = torch.zeros_like(done_B)
+            if teacher is not None and not mixing:
                 t_logp_BV = t_logits_BV.log_softmax(-1)
                 gap_B = t_logp_BV.gather(-1, next_B[:, None]).squeeze(-1) - logp_BV.gather(
                     -1, next_B[:, None]).squeeze(-1)
