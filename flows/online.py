@@ -37,7 +37,7 @@ def iteration_task(p: Pipeline, loop: OnlineLoop, iteration: int, policy: Policy
     cfg = p.cfg
     subset = iteration_prompts(loop.train_rows, cfg, iteration)
     teacher = loop.teacher_policy(policy.key)
-    guided = cfg.rollout.guidance.enabled
+    guided = cfg.rollout.needs_teacher_model()
     rollouts = steps.rollout_step(
         p, loop.rows, loop.data, policy, label=f"rollout/{iteration:03d}", iteration=iteration,
         subset=subset, teacher=teacher, before_run=loop.current,

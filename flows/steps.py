@@ -173,14 +173,13 @@ def rollout_step(p: Pipeline, rows: list[Row], data: Artifact, policy: Policy, *
     cfg = config_for_key(p.cfg.rollout)
     cfg.update({"iteration": iteration, "subset": sorted(subset) if subset is not None else None})
     inputs = {"dataset": data.key, "policy": policy.key}
-    guided = p.cfg.rollout.guidance.enabled
-    from_teacher = p.cfg.rollout.sample_from == "teacher"
-    if guided or from_teacher:
+    guided = p.cfg.rollout.needs_teacher()  # the teacher and its context go to the stage
+    if guided:
         if teacher is None:
-            raise ValueError("rollout.guidance / rollout.sample_from=teacher need the teacher policy")
+            raise ValueError("rollout.guidance / sample_from=teacher / rescue_tries need the "
+                             "teacher policy")
         inputs["teacher"] = teacher.key
         cfg["context"] = config_for_key(p.cfg.teacher.context)
-    guided = guided or from_teacher  # both pass the teacher and its context to the stage
 
     def run(ctx):
         if before_run:

@@ -336,6 +336,25 @@ class RolloutConfig(_Strict):
     vllm: VLLMEngineConfig = Field(
         default_factory=VLLMEngineConfig, description="vLLM engine settings (backend=vllm only)."
     )
+    rescue_tries: int = Field(
+        0, ge=0, le=64,
+        description="KEPO's knowledge-enhanced exploration (arXiv:2602.00400): for a prompt none of "
+        "whose n replies passes its verifier, sample up to this many replies from the model reading "
+        "the teacher's privileged context (the hint) and put the first that passes in place of the "
+        "prompt's last reply (prompt ids stay the student's; its behaviour log-probs and guided "
+        "positions are the hinted sampler's), so GRPO's group has a reward-positive sample. "
+        "0: off. hf backend.",
+    )
+
+    def needs_teacher(self) -> bool:
+        """Whether sampling reads the teacher and its privileged context (guidance, sampling from
+        the teacher, KEPO's hinted rescue)."""
+        return self.guidance.enabled or self.sample_from == "teacher" or self.rescue_tries > 0
+
+    def needs_teacher_model(self) -> bool:
+        """Whether the teacher's resident model decodes beside the student's engine (guidance)
+        or after it (KEPO's hinted rescue); sample_from=teacher uses a teacher engine instead."""
+        return self.guidance.enabled or self.rescue_tries > 0
 
     def irrelevant(self) -> set[str]:
         out = set()
@@ -345,6 +364,8 @@ class RolloutConfig(_Strict):
             out.add("guidance")
         if self.sample_from == "student":
             out.add("sample_from")  # the default: keys of recipes older than the field stay
+        if not self.rescue_tries:
+            out.add("rescue_tries")
         return out
 
 
@@ -494,12 +515,14 @@ class RewardConfig(_Strict):
         "routing=scope the MLE term of passing replies.",
     )
     distill_weight: float = Field(1.0, ge=0.0, le=100.0, description="Weight of the distillation term.")
-    routing: Literal["none", "srpo", "scope"] = Field(
+    routing: Literal["none", "srpo", "scope", "kepo"] = Field(
         "none",
         description="Route samples by correctness. srpo (Li et al. 2026): passed -> GRPO, failed -> "
         "distillation. scope (Zheng et al. 2026): failed -> distillation weighted by "
         "group-softmax(-log PPL_teacher / tau); passed -> MLE weighted by group-softmax("
-        "log PPL_student / tau).",
+        "log PPL_student / tau). kepo (KEPO, arXiv:2602.00400): GRPO on every sample, "
+        "distillation only on passed ones (quality-gated: a failed reply's context is flawed, "
+        "its teacher targets noise); pair with rollout.rescue_tries.",
     )
     scope_tau: float = Field(1.0, gt=0.0, le=100.0, description="scope: softmax temperature.")
     advantage_eps: float = Field(1e-4, gt=0.0, description="eps in the GRPO advantage denominator.")
@@ -976,6 +999,9 @@ class PipelineConfig(_Strict):
                                  "rendezvous, reachable from every node)")
         if self.rollout.guidance.enabled and self.rollout.backend != "hf":
             raise ValueError("rollout.guidance needs rollout.backend=hf (lockstep decoding)")
+        if self.rollout.rescue_tries and self.rollout.backend != "hf":
+            raise ValueError("rollout.rescue_tries needs rollout.backend=hf (the hinted sampler is "
+                             "the teacher's resident model)")
         kind = teacher_kinds.get(self.teacher.kind)
         if kind.online_only and self.mode != "online":
             raise ValueError(

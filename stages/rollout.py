@@ -12,14 +12,14 @@ Prefect task per shard on threads, processes or Ray (``runner.*``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
 
 from opsd.backends import make_generator
-from opsd.backends.hf import Guidance, SamplingParams
+from opsd.backends.hf import Guidance, HFGenerator, SamplingParams
 from opsd.config import ContextConfig, RolloutConfig
 from opsd.context.render import build_context, student_ids, student_turn_ids, teacher_ids
 from opsd.data import verify
@@ -104,11 +104,61 @@ def write_shard(job: RolloutShard, tokenizer, engine, guide_model=None, progress
             for r in chunk
         ]
     gens = engine.generate(gen_prompts, params, progress=progress, guidance=guidance)
+    rescued = 0
+    if cfg.rescue_tries and guide_model is not None:
+        hinted = HFGenerator(guide_model, tokenizer, batch_size=cfg.batch_size)
+        contexts = [
+            teacher_ids(tokenizer, r, build_context(r, job.context), student_turn_ids(tokenizer, r))
+            for r in chunk
+        ]
+        gens, rescued = rescue(chunk, gens, contexts, hinted, tokenizer, params, cfg.rescue_tries)
     table = sample_rows(chunk, prompts, gens, tokenizer,
                         job.teacher.key if from_teacher else job.policy.key, job.iteration)
     write_table_atomic(table, job.out_path)
     return {"shard": job.shard, "samples": len(gens), "tokens": sum(len(g.response_ids) for g in gens),
-            "worker": worker_id()}
+            "rescued": rescued, "worker": worker_id()}
+
+
+def _passes(row: Row, response_ids, tokenizer) -> bool:
+    if row.verifier is None:
+        return True  # nothing to rescue: no verdict
+    return bool(verify(row.verifier, tokenizer.decode(response_ids, skip_special_tokens=True), row).passed)
+
+
+def rescue(rows: list[Row], gens: list, contexts: list[list[int]], hinted, tokenizer,
+           params: SamplingParams, tries: int) -> tuple[list, int]:
+    """KEPO's knowledge-enhanced exploration (rejection sampling with a hint).
+
+    For every prompt ``p`` none of whose ``n`` replies passes, ``tries`` replies are sampled from
+    ``hinted`` reading the teacher's prompt ``contexts[p]`` (the privileged view is the hint);
+    the first that passes replaces the prompt's last reply ``(p, n - 1)``, with the hinted
+    sampler's behaviour log-probs and every position marked guided. Prompts already holding a
+    passing reply, and those no hinted reply passes, keep their own. Returns the replies (same
+    order) and the number of prompts rescued.
+    """
+    from opsd.backends.hf import Generation
+
+    failing = sorted({g.prompt_index for g in gens}
+                     - {g.prompt_index for g in gens if _passes(rows[g.prompt_index], g.response_ids, tokenizer)})
+    if not failing:
+        return gens, 0
+    # a stream of its own: the student's replies do not depend on whether a rescue ran
+    extra = hinted.generate([contexts[p] for p in failing],
+                            replace(params, n=tries, seed=params.seed + 104729))
+    found: dict[int, object] = {}
+    for h in extra:  # ordered by (prompt, try): the first passing try of each prompt wins
+        p = failing[h.prompt_index]
+        if p not in found and _passes(rows[p], h.response_ids, tokenizer):
+            found[p] = h
+    last = params.n - 1
+    out = []
+    for g in gens:
+        h = found.get(g.prompt_index)
+        if h is not None and g.sample_index == last:
+            g = Generation(g.prompt_index, last, h.response_ids, h.logprobs, h.finish_reason,
+                           list(range(len(h.response_ids))))
+        out.append(g)
+    return out, len(found)
 
 
 def run_shard(job: RolloutShard) -> dict:
@@ -116,7 +166,7 @@ def run_shard(job: RolloutShard) -> dict:
     pool = worker_pool(job.device)
     cfg = job.cfg
     engine = make_generator(cfg, pool, job.teacher if cfg.sample_from == "teacher" else job.policy)
-    guide = pool.inference(job.teacher, cfg.dtype) if cfg.guidance.enabled else None
+    guide = pool.inference(job.teacher, cfg.dtype) if cfg.needs_teacher_model() else None
     free_masters(pool)
     return write_shard(job, pool.tokenizer(job.policy), engine, guide)
 
@@ -147,16 +197,16 @@ def run(
     backend is hf — a vLLM engine parallelises itself (``rollout.vllm``).
     """
     from_teacher = cfg.sample_from == "teacher"
-    if (from_teacher or cfg.guidance.enabled) and (teacher is None or context is None):
-        what = "rollout.sample_from=teacher needs" if from_teacher else "guided rollouts need"
-        raise ValueError(f"{what} the teacher policy and its context config")
+    if cfg.needs_teacher() and (teacher is None or context is None):
+        raise ValueError("rollout.guidance / sample_from=teacher / rescue_tries need the teacher "
+                         "policy and its context config")
     runner: ShardRunner = shards or InlineShards()
     done = completed_shards(ctx.out_dir)
     n_shards = (len(rows) + cfg.shard_size - 1) // cfg.shard_size
     jobs = [
         RolloutShard(cfg, rows[i * cfg.shard_size : (i + 1) * cfg.shard_size], i,
                      shard_seed(cfg.seed, i, f"it{iteration}"), iteration, policy,
-                     teacher if (from_teacher or cfg.guidance.enabled) else None, context,
+                     teacher if cfg.needs_teacher() else None, context,
                      ctx.out_dir / shard_name(i), str(ctx.pool.device))
         for i in range(n_shards) if i not in done
     ]
@@ -168,7 +218,7 @@ def run(
     def local():
         tokenizer = ctx.pool.tokenizer(policy)
         gen = engine or make_generator(cfg, ctx.pool, teacher if from_teacher else policy)
-        guide = (guide_model or ctx.pool.inference(teacher, cfg.dtype)) if cfg.guidance.enabled else None
+        guide = (guide_model or ctx.pool.inference(teacher, cfg.dtype)) if cfg.needs_teacher_model() else None
         return partial(write_shard, tokenizer=tokenizer, engine=gen, guide_model=guide,
                        progress=bar.update)
 
@@ -181,6 +231,8 @@ def run(
     out = manifest_of(ctx, seconds, sum(r["tokens"] for r in results),
                     sum(r["samples"] for r in results))
     out["shards"] = summary(runner, n_shards, results)
+    if cfg.rescue_tries:
+        out["rescued_this_attempt"] = sum(r.get("rescued", 0) for r in results)
     return out
 
 

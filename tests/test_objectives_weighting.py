@@ -161,6 +161,18 @@ def test_srpo_routes_passed_to_grpo_and_failed_to_distillation():
     torch.testing.assert_close(c.distill_N, torch.tensor([0.0, 0.0, 1.0, 1.0]))
 
 
+def test_kepo_gates_distillation_to_passed_replies_and_keeps_grpo_on_all():
+    """KEPO: the distillation coefficient is the distill weight on passing replies, 0 on failing
+    ones; the reward term is rl_weight x advantage on every token (by hand)."""
+    b = collate([ex("a", 2, passed=True, advantage=0.7), ex("b", 3, passed=False, advantage=-0.7)], 0)
+    c = token_coefficients(b, cfg(rewards={"routing": "kepo", "rl_weight": 2.0, "distill_weight": 0.5}))
+    torch.testing.assert_close(c.pg_N, torch.tensor([1.4, 1.4, -1.4, -1.4, -1.4]))
+    torch.testing.assert_close(c.distill_N, torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0]))
+    # a group with no passing reply gives no distillation at all
+    none = collate([ex("c", 2, passed=False, advantage=0.0)], 0)
+    assert token_coefficients(none, cfg(rewards={"routing": "kepo", "rl_weight": 1.0})).distill_N is None
+
+
 def test_scope_routes_and_weights():
     b = collate([ex("a", 2, passed=True, scope=1.5), ex("b", 1, passed=False, scope=0.4)], 0)
     c = token_coefficients(b, cfg(rewards={"routing": "scope", "rl_weight": 1.0}))

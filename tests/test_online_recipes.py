@@ -15,18 +15,18 @@ from opsd.storage.catalog import Catalog
 from opsd.storage.layout import Layout
 
 ONLINE = Path(__file__).resolve().parent.parent / "configs" / "online"
-RECIPES = ["opsd", "sdpo", "skill-sd", "atesd", "avsd"]
+RECIPES = ["opsd", "sdpo", "skill-sd", "atesd", "avsd", "kepo"]
 DEMOS = [{"prompt": "Capital of Fiji?", "completion": "Sure thing! Suva."}] * 2
 
 
-def _data(path: Path) -> Path:
+def _data(path: Path, pattern: str = r"^\s*\w", description: str = "start with a word") -> Path:
     with path.open("w") as f:
         for i in range(8):
             f.write(json.dumps({
                 "id": f"q{i}", "prompt": f"Question number {i}?", "task": "sure",
                 "privileged_context": {"demonstrations": DEMOS,
                                        "solution": f"Reply with Sure thing! then the number {i}."},
-                "verifier": {"type": "regex", "pattern": r"^\s*\w", "description": "start with a word"},
+                "verifier": {"type": "regex", "pattern": pattern, "description": description},
                 "split": "train" if i < 6 else "eval"}) + "\n")
     return path
 
@@ -45,7 +45,11 @@ def test_online_recipe_runs_end_to_end(name, tiny_model_dir, tmp_path):
     from opsd.flows.online import online_flow
 
     raw = yaml.safe_load((ONLINE / f"{name}.yaml").read_text())
-    raw.update(model={"name": str(tiny_model_dir)}, data={"source": str(_data(tmp_path / "d.jsonl"))},
+    # kepo: a verifier the tiny model's replies fail about half the time, so some prompts have
+    # no passing reply and the hinted rescue runs
+    data = (_data(tmp_path / "d.jsonl", r"^\s*[a-m]", "start with a to m") if name == "kepo"
+            else _data(tmp_path / "d.jsonl"))
+    raw.update(model={"name": str(tiny_model_dir)}, data={"source": str(data)},
                online={"iterations": 2, "prompts_per_iteration": 3, "steps_per_iteration": 1,
                        "eval_every": 0},
                eval={"max_new_tokens": 6}, retention={"enabled": False})
@@ -71,3 +75,13 @@ def test_online_recipe_runs_end_to_end(name, tiny_model_dir, tmp_path):
         assert 0.0 < teacher["exposure"] < 1.0 and teacher["exposure"] != 0.5
     if name == "avsd":
         assert teacher["consensus"] == "gated_residual"
+    if name == "kepo":  # the hinted rescue ran: what it says it rescued is what the data holds
+        from opsd.storage.parquet import read_table
+
+        art = cat.artifact(next(s["key"] for s in cat.stages(run["run_id"])
+                                if s["label"] == "rollout/000"))
+        t = read_table(Path(art["path"])).to_pylist()
+        rescued = [r for r in t if r["sample_idx"] == raw["rollout"]["n"] - 1 and r["n_tokens"]
+                   and r["guided_positions"] == list(range(r["n_tokens"]))]
+        assert art["manifest"]["rescued_this_attempt"] == len(rescued)
+        assert all(r["passed"] for r in rescued)

@@ -106,6 +106,10 @@ def token_coefficients(batch, cfg: TrainConfig, stats: TokenStats | None = None,
         # SRPO: passed replies → GRPO, failed → distillation (entropy-weighted via weighting.entropy).
         active_N = ~passed_N
         pg_N = r.rl_weight * adv_N * passed_N
+    elif r.routing == "kepo":
+        # KEPO: quality-gated distillation (passed replies only), GRPO on every reply.
+        active_N = passed_N
+        pg_N = r.rl_weight * adv_N
     elif r.routing == "scope":
         # SCOPE: failed → KL × teacher-perplexity weight; passed → MLE × student-perplexity weight.
         active_N = ~passed_N
