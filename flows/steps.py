@@ -68,7 +68,19 @@ def resolve_policies(cfg: PipelineConfig) -> tuple[Policy, Policy]:
         teacher = Policy(teacher.key, teacher.path, "teacher")
     else:
         teacher = Policy(student.key, student.path, "teacher")
+    reference_policy(cfg, student)  # refused here, before any compute, when incompatible
     return student, teacher
+
+
+def reference_policy(cfg: PipelineConfig, student: Policy) -> Policy | None:
+    """G-OPD's reference model (``teacher.reference``) as a policy, checked to share the
+    student's tokenizer and vocabulary; None when the behaviour policy is the reference."""
+    if cfg.teacher.reference is None:
+        return None
+    path = resolve_model_path(cfg.teacher.reference)
+    check_compatible(student.path, path)
+    ref = base_policy(path)
+    return Policy(ref.key, ref.path, "reference")
 
 
 def release_engines(cfg: PipelineConfig) -> None:
@@ -231,21 +243,21 @@ def teacher_step(p: Pipeline, rows: list[Row], data: Artifact, rollouts: Artifac
             pi_usage["skills"] = float(sum(bool(v) for v in skills.values()))
     if exposure is not None:
         cfg["exposure_ratio"] = round(exposure, 6)
+    inputs = {"dataset": data.key, "rollouts": rollouts.key, "teacher": teacher.key}
+    reference = reference_policy(p.cfg, teacher)
+    if reference is not None:
+        inputs["reference"] = reference.key
 
     def run(ctx):
         if before_run:
             before_run()
         out = teacher_stage.run(p.cfg.teacher, rows, rollouts, teacher, ctx, extra_views=extra,
                                 exposure=exposure, scorer=_resolve(scorer),
-                                shards=shards)
+                                shards=shards, reference=reference)
         out["pi"] = pi_usage
         return out
 
-    art = p.stage(
-        label, "teacher", cfg,
-        {"dataset": data.key, "rollouts": rollouts.key, "teacher": teacher.key}, run,
-        force=force, require_cached=require_cached,
-    )
+    art = p.stage(label, "teacher", cfg, inputs, run, force=force, require_cached=require_cached)
     if pi_usage:
         p.say(f"stage {label}: privileged views used: "
               + ", ".join(f"{k}={v:.2f}" for k, v in sorted(pi_usage.items())))

@@ -395,9 +395,18 @@ class TeacherConfig(_Strict):
     vllm: VLLMEngineConfig = Field(
         default_factory=VLLMEngineConfig, description="vLLM engine settings (backend=vllm only)."
     )
+    reference: ModelConfig | None = Field(
+        None, description="G-OPD's reference model pRef (Yang et al. 2026, arXiv:2602.12125) of "
+        "train.advantage.reward_scale: scored on the student's prompt and sampled tokens in the "
+        "teacher stage (reference.parquet). The paper's choice for strong-to-weak distillation is "
+        "the teacher's pre-RL base model. None: pRef is the behaviour policy.",
+    )
 
     def irrelevant(self) -> set[str]:
-        return set() if self.backend == "vllm" else {"vllm"}
+        out = set() if self.backend == "vllm" else {"vllm"}
+        if self.reference is None:
+            out.add("reference")  # keys of recipes older than the field stay
+        return out
 
 
 # The objectives and what each needs live in one place: opsd.objectives.registry.
@@ -450,7 +459,8 @@ class AdvantageConfig(_Strict):
         1.0, gt=0.0, le=100.0,
         description="G-OPD reward scale lambda (Yang et al. 2026; lambda > 1 is ExOPD reward "
         "extrapolation): A_t = lambda (log pT - log pRef) - (log pS - log pRef), pRef = the behaviour "
-        "policy's log-prob of y_t (the initial student in offline mode). 1 = plain OPD.",
+        "policy's log-prob of y_t (the initial student in offline mode) or, with teacher.reference, "
+        "that model's. 1 = plain OPD (pRef cancels).",
     )
     baseline: Literal["none", "vopd"] = Field(
         "none",
@@ -999,6 +1009,12 @@ class PipelineConfig(_Strict):
                                  "rendezvous, reachable from every node)")
         if self.rollout.guidance.enabled and self.rollout.backend != "hf":
             raise ValueError("rollout.guidance needs rollout.backend=hf (lockstep decoding)")
+        if self.teacher.reference is not None and (
+                not objective_registry.get(self.train.objective).advantage
+                or self.train.advantage.reward_scale == 1.0):
+            raise ValueError("teacher.reference is G-OPD's pRef of train.advantage.reward_scale: it "
+                             "needs train.objective=reverse_kl_sampled and reward_scale != 1 (at 1, "
+                             "pRef cancels out of A_t)")
         if self.rollout.rescue_tries and self.rollout.backend != "hf":
             raise ValueError("rollout.rescue_tries needs rollout.backend=hf (the hinted sampler is "
                              "the teacher's resident model)")

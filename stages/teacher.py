@@ -28,8 +28,8 @@ from opsd.pool import Policy
 from opsd.stages.common import Artifact, StageContext, ids_hash
 from opsd.stages.shards import (InlineShards, ShardRunner, dispatch, free_masters, summary, worker_id,
                            worker_pool)
-from opsd.storage.parquet import (CONTEXTS, CONTEXTS_FILE, TEACHER, completed_shards, read_table, shard_name,
-                             write_table_atomic)
+from opsd.storage.parquet import (CONTEXTS, CONTEXTS_FILE, REFERENCE, REFERENCE_FILE, TEACHER,
+                                  completed_shards, read_table, shard_name, write_table_atomic)
 
 
 class RolloutMismatch(ValueError):
@@ -140,9 +140,12 @@ def run(
     exposure: float | None = None,
     scorer=None,
     shards: ShardRunner | None = None,
+    reference: Policy | None = None,
 ) -> dict:
     """Score every rollout; ``extra_views`` are run-time PI views per sample id
-    (opsd.context.builders), ``exposure`` the solution reveal ratio of this pass.
+    (opsd.context.builders), ``exposure`` the solution reveal ratio of this pass; with
+    ``reference`` (G-OPD's πRef, ``teacher.reference``) also that model's log-prob of every
+    sampled token on the student's own prompt, into ``reference.parquet``.
 
     Teacher prompts are built here (cheap tokenisation, and the checks against the rows);
     every missing shard is then one job for ``shards`` (default: in this process). A remote
@@ -194,6 +197,7 @@ def run(
         stats = dict(getattr(local_scorer[0], "stats", {}) or {})
     bar.close()
     write_contexts(contexts, ctx.out_dir / CONTEXTS_FILE)
+    ref_seconds = write_reference(cfg, ctx, reference, data) if reference is not None else None
     seconds = time.perf_counter() - t0
     scored_tokens = sum(r["tokens"] for r in results)
     view_counts: dict[str, int] = {}
@@ -211,7 +215,28 @@ def run(
         "consensus": cfg.context.consensus,
         "scorer": {k: v for k, v in stats.items()},
         "shards": summary(runner, n_shards, results),
+        **({"reference": reference.key, "reference_seconds_this_attempt": ref_seconds}
+           if reference is not None else {}),
     }
+
+
+def write_reference(cfg: TeacherConfig, ctx: StageContext, reference: Policy, data: dict) -> float:
+    """G-OPD's ``log πRef(y_t | x, y_<t)`` for every sampled token: the reference model reads the
+    student's prompt ids (no privileged context) and the response ids verbatim. One file,
+    written atomically; a rerun with the file present skips it. Returns the seconds spent."""
+    path = ctx.out_dir / REFERENCE_FILE
+    if path.exists():
+        return 0.0
+    t0 = time.perf_counter()
+    scorer = make_scorer(cfg, ctx.pool, reference)
+    bar = ctx.progress(len(data["sample_id"]), f"reference ({reference.label or 'reference'})", "sample")
+    targets = scorer.score(data["prompt_ids"], data["response_ids"], 1, progress=bar.update)
+    bar.close()
+    write_table_atomic(pa.Table.from_pydict({
+        "sample_id": list(data["sample_id"]),
+        "reference_logprobs": [t.sampled_logprob_R.tolist() for t in targets],
+    }, schema=REFERENCE), path)
+    return time.perf_counter() - t0
 
 
 def write_contexts(contexts, path) -> None:

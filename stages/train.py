@@ -28,7 +28,8 @@ from opsd.training.batches import Example
 from opsd.training.trainer import NumericalError, Trainer, plan_batches
 from opsd.training.state import has_resume_point, load_resume_point, save_resume_point
 from opsd.stages.common import Artifact, StageContext, ids_hash
-from opsd.storage.parquet import CONTEXTS_FILE, TRAIN_METRICS, read_table, write_table_atomic
+from opsd.storage.parquet import (CONTEXTS_FILE, REFERENCE_FILE, TRAIN_METRICS, read_table,
+                                  write_table_atomic)
 
 
 log = logging.getLogger("opsd")
@@ -63,6 +64,7 @@ def load_examples(rollouts: Artifact, targets: Artifact, cfg: TrainConfig | None
     contexts = None
     if cfg is not None and cfg.live_teacher:
         contexts = read_contexts(targets)
+    reference = read_reference(targets)
     examples = []
     for i, sid in enumerate(r["sample_id"]):
         j = index[sid]
@@ -98,6 +100,7 @@ def load_examples(rollouts: Artifact, targets: Artifact, cfg: TrainConfig | None
                 group=r["row_id"][i],
                 passed=r["passed"][i],
                 teacher_context_ids=ctx_ids,
+                reference_logp=_reference_of(reference, sid, len(resp), targets),
             )
         )
     attach_group_stats(examples, cfg if cfg is not None else TrainConfig())
@@ -106,6 +109,25 @@ def load_examples(rollouts: Artifact, targets: Artifact, cfg: TrainConfig | None
             attach_spans(examples, dict(zip(r["sample_id"], r["text"])), cfg, rows, tokenizer)
     # Empty responses carry no training signal (and no positions to score).
     return [e for e in examples if e.response_ids]
+
+
+def read_reference(targets: Artifact) -> dict[str, list[float]] | None:
+    """sample_id → G-OPD reference log-probs (``reference.parquet``, teacher.reference), or None."""
+    f = targets.path / REFERENCE_FILE
+    if not f.exists():
+        return None
+    c = read_table(f).to_pydict()
+    return dict(zip(c["sample_id"], c["reference_logprobs"]))
+
+
+def _reference_of(reference, sid: str, n: int, targets: Artifact) -> np.ndarray | None:
+    if reference is None:
+        return None
+    lp = reference.get(sid)
+    if lp is None or len(lp) != n:
+        raise TargetMismatch(f"{targets.path}/{REFERENCE_FILE} has no reference log-probs of the "
+                             f"{n} tokens of {sid}; rerun the teacher stage")
+    return np.asarray(lp, dtype=np.float32)
 
 
 def read_contexts(targets: Artifact) -> dict[str, list[int]]:

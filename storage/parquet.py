@@ -60,6 +60,9 @@ TEACHER = pa.schema(
 
 # The teacher's prompt ids (privileged context + the student's turns), once per distinct
 # context: live-teacher objectives re-run the teacher on them during training.
+# G-OPD's reference model: its log-prob of every sampled token on the student's prompt
+REFERENCE_FILE = "reference.parquet"
+REFERENCE = pa.schema([("sample_id", pa.string()), ("reference_logprobs", pa.list_(pa.float32()))])
 CONTEXTS_FILE = "contexts.parquet"
 CONTEXTS = pa.schema(
     [

@@ -24,7 +24,7 @@ INTEGRATION_MODULES = {
     "test_concurrency", "test_deployment", "test_distributed", "test_fault_injection",
     "test_mlflow_ui", "test_pipeline_offline", "test_pipeline_online", "test_retention",
     "test_runners", "test_vllm_backend", "test_bad_inputs", "test_train_recipes",
-    "test_online_recipes", "test_facts_recipes",
+    "test_online_recipes", "test_facts_recipes", "test_g_opd",
 }
 
 

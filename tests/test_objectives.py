@@ -203,6 +203,23 @@ def test_reverse_kl_sampled_reward_scale_and_baseline_formula():
     torch.testing.assert_close(lc, -(lp_t - lp_s).clamp(-0.1, 0.1) * lp_s)
 
 
+def test_g_opd_reference_model_replaces_the_behaviour_policy_in_the_advantage_only():
+    """teacher.reference (G-OPD's πRef) enters A_t = λ(log πT − log πRef) − (log πS − log πRef);
+    the importance weight stays πS/πbehaviour; at λ = 1 πRef cancels."""
+    ls, lt = _rand(6, 8)
+    y = torch.randint(0, 8, (6,))
+    lp_s, lp_t = ls.gather(-1, y[:, None]).squeeze(-1), lt.gather(-1, y[:, None]).squeeze(-1)
+    beh = lp_s - 0.3 * torch.rand(6, dtype=torch.float64)
+    ref = lp_s - torch.rand(6, dtype=torch.float64)  # another model: the teacher's pre-RL base
+    lam = 1.5
+    loss, _ = D.reverse_kl_sampled(ls, y, lp_t, beh, 2.0, reward_scale=lam, reference_logp_N=ref)
+    adv = lam * (lp_t - ref) - (lp_s - ref)
+    w = (lp_s - beh).exp().clamp(0.5, 2.0)
+    torch.testing.assert_close(loss, -adv * w * lp_s)
+    one, _ = D.reverse_kl_sampled(ls, y, lp_t, beh, reward_scale=1.0, reference_logp_N=ref)
+    torch.testing.assert_close(one, -(lp_t - lp_s) * lp_s)
+
+
 def test_vopd_baseline_keeps_the_gradient_unbiased():
     # E_{y~πS}[∇ loss(y)] with the baseline b = -KL(πS||πT) equals the plain OPD expectation
     # (= ∇ KL(πS||πT)): b does not depend on y.

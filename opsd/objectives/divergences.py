@@ -325,6 +325,7 @@ def reverse_kl_sampled(
     reward_scale: float = 1.0,
     baseline_N: torch.Tensor | None = None,
     clip: float | None = None,
+    reference_logp_N: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled-token reverse KL in REINFORCE form (on-policy distillation: Agarwal et al. 2024;
     Lu & Thinking Machines 2025), with the G-OPD/ExOPD reward scale and the vOPD baseline.
@@ -334,8 +335,9 @@ def reverse_kl_sampled(
 
     - ``λ = reward_scale`` (Yang et al. 2026, arXiv:2602.12125): 1 is plain OPD,
       ``A_t = sg(log πT - log πS)``; λ > 1 extrapolates the teacher's implicit reward
-      (ExOPD). ``πRef`` is the behaviour policy (``behaviour_logp_N``; the initial student in
-      offline mode), needed only when λ ≠ 1.
+      (ExOPD). ``πRef`` is ``reference_logp_N`` when given (G-OPD's reference model, e.g. the
+      teacher's pre-RL base: ``teacher.reference``), else the behaviour policy
+      (``behaviour_logp_N``; the initial student in offline mode); needed only when λ ≠ 1.
     - ``b_t = baseline_N`` (vOPD, Oh et al. 2026, arXiv:2605.07865): the detached value
       ``V_t = -KL(πS || πT)_t``; subtracting it keeps the gradient unbiased and lowers variance.
     - ``w_t = clip(πS(y_t)/πbehaviour(y_t), 1/c, c)`` (detached) with ``ratio_clip = c`` for
@@ -347,18 +349,21 @@ def reverse_kl_sampled(
     """
     logp_s_N = logp_NV.gather(-1, token_N[:, None]).squeeze(-1)
     return reverse_kl_sampled_gathered(logp_s_N, teacher_logp_N, behaviour_logp_N, ratio_clip,
-                                       reward_scale=reward_scale, baseline_N=baseline_N, clip=clip)
+                                       reward_scale=reward_scale, baseline_N=baseline_N, clip=clip,
+                                       reference_logp_N=reference_logp_N)
 
 
 def reverse_kl_sampled_gathered(logp_s_N, teacher_logp_N, behaviour_logp_N=None, ratio_clip=None, *,
-                                reward_scale: float = 1.0, baseline_N=None, clip=None):
+                                reward_scale: float = 1.0, baseline_N=None, clip=None,
+                                reference_logp_N=None):
     """:func:`reverse_kl_sampled` from the student's log-prob of the sampled tokens ``[N]``."""
     lp_s_N = logp_s_N.detach()
     teacher_N = teacher_logp_N.to(logp_s_N.dtype)
     if reward_scale != 1.0:
-        if behaviour_logp_N is None:
-            raise ValueError("reward_scale != 1 needs the reference (behaviour) log-probs")
-        ref_N = behaviour_logp_N.to(logp_s_N.dtype)
+        ref_N = reference_logp_N if reference_logp_N is not None else behaviour_logp_N
+        if ref_N is None:
+            raise ValueError("reward_scale != 1 needs the reference (or behaviour) log-probs")
+        ref_N = ref_N.to(logp_s_N.dtype)
         advantage_N = reward_scale * (teacher_N - ref_N) - (lp_s_N - ref_N)
     else:
         advantage_N = teacher_N - lp_s_N

@@ -55,7 +55,7 @@ def _topk(forward: bool) -> DivergenceFn:
 
 
 def _reverse_kl_sampled(cfg, rows, t_logp_CV, teacher_C, behaviour_C, topk_logp_CK, tail_C,
-                        inplace=False):
+                        inplace=False, reference_C=None):
     baseline_C = None
     if cfg.advantage.baseline == "vopd":
         # V_t = -KL(pS||pT) on the teacher's top-k + tail (detached)
@@ -63,7 +63,8 @@ def _reverse_kl_sampled(cfg, rows, t_logp_CV, teacher_C, behaviour_C, topk_logp_
     return D.reverse_kl_sampled_gathered(rows.token_C, teacher_C, behaviour_C,
                                          cfg.importance_ratio_clip,
                                          reward_scale=cfg.advantage.reward_scale,
-                                         baseline_N=baseline_C, clip=cfg.divergence.clip)
+                                         baseline_N=baseline_C, clip=cfg.divergence.clip,
+                                         reference_logp_N=reference_C)
 
 
 def _jsd(cfg, rows, t_logp_CV, teacher_C, behaviour_C, topk_logp_CK, tail_C, inplace=False):
@@ -87,7 +88,9 @@ class Objective:
     sampled: bool = False
     topk_support: bool = False  # divergence.topk_support=student applies (and makes it live)
     temperature_free: bool = False
-    advantage: bool = False  # advantage.reward_scale / advantage.baseline shape its A_t
+    # advantage.reward_scale / advantage.baseline shape its A_t; its divergence takes
+    # reference_C (G-OPD's pRef, teacher.reference) as a keyword
+    advantage: bool = False
 
     def needs_live_teacher(self, cfg) -> bool:
         """True when the teacher's logits are computed during training for ``cfg`` (a TrainConfig)."""

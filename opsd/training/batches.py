@@ -47,6 +47,8 @@ class Example:
     error_mask: np.ndarray | None = None  # [R] bool
     # --- live teacher: the teacher's prompt ids (privileged context + the student's turns)
     teacher_context_ids: list[int] | None = field(default=None, repr=False)
+    # --- G-OPD: the reference model's log-prob of each sampled token (teacher.reference)
+    reference_logp: np.ndarray | None = None  # [R]
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Batch:
     scope_weight_N: torch.Tensor | None = None
     key_N: torch.Tensor | None = None  # bool
     error_N: torch.Tensor | None = None  # bool
+    reference_logp_N: torch.Tensor | None = None  # G-OPD's pRef; None: the behaviour policy
     examples: list[Example] = field(default_factory=list, repr=False)
     seq_N: torch.Tensor | None = None  # index of each token's example in the batch
     # packed layout only (None in the plain one): per position, its RoPE position, its segment
@@ -146,6 +149,9 @@ def collate(examples: list[Example], pad_id: int, pack: bool = False) -> Batch:
                     else np.zeros(len(e.response_ids), dtype=bool) for e in examples], np.bool_)
 
     has_verdict = any(e.passed is not None for e in examples)
+    with_ref = [e.reference_logp is not None for e in examples]
+    if any(with_ref) and not all(with_ref):
+        raise ValueError("some examples of the batch have reference log-probs and some do not")
     return Batch(
         sample_ids=[e.sample_id for e in examples],
         input_ids_BL=ids,
@@ -168,6 +174,8 @@ def collate(examples: list[Example], pad_id: int, pack: bool = False) -> Batch:
         scope_weight_N=per_token([e.scope_weight for e in examples], np.float32),
         key_N=masks("key_mask"),
         error_N=masks("error_mask"),
+        reference_logp_N=(cat([e.reference_logp for e in examples], np.float32)
+                          if with_ref and all(with_ref) else None),
         examples=list(examples),
     )
 

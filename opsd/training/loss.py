@@ -119,12 +119,15 @@ def _student_rows(cfg: TrainConfig, z_CV, token_C, topk_ids_CK, main: bool, inpl
 
 
 def main_divergence(cfg: TrainConfig, rows: StudentRows, t_logp_CV, teacher_C, behaviour_C,
-                    topk_logp_CK, tail_C, inplace: bool = False):
-    """``(loss_C, div_C)`` of ``cfg.objective`` on one chunk (the registry entry's divergence)."""
-    fn = registry.get(cfg.objective).divergence
-    if fn is None:  # 'none': the plan gives no distillation coefficient, so this is never reached
+                    topk_logp_CK, tail_C, inplace: bool = False, reference_C=None):
+    """``(loss_C, div_C)`` of ``cfg.objective`` on one chunk (the registry entry's divergence;
+    ``reference_C``, G-OPD's reference log-probs, goes to the objectives with an advantage)."""
+    obj = registry.get(cfg.objective)
+    if obj.divergence is None:  # 'none': the plan gives no distillation coefficient
         raise ValueError(f"objective {cfg.objective!r} has no divergence")
-    return fn(cfg, rows, t_logp_CV, teacher_C, behaviour_C, topk_logp_CK, tail_C, inplace=inplace)
+    extra = {"reference_C": reference_C} if obj.advantage else {}
+    return obj.divergence(cfg, rows, t_logp_CV, teacher_C, behaviour_C, topk_logp_CK, tail_C,
+                          inplace=inplace, **extra)
 
 
 def _chunk_loss(cfg: TrainConfig, lm_head, teacher_head):
@@ -132,8 +135,8 @@ def _chunk_loss(cfg: TrainConfig, lm_head, teacher_head):
     T = cfg.temperature
     d = cfg.divergence
 
-    def fn(h_CH, th_CH, token_C, teacher_C, behaviour_C, topk_ids_CK, topk_logp_CK, tail_C,
-           distill_C, fkl_C, rkl_C, pg_C):
+    def fn(h_CH, th_CH, token_C, teacher_C, behaviour_C, reference_C, topk_ids_CK, topk_logp_CK,
+           tail_C, distill_C, fkl_C, rkl_C, pg_C):
         z_CV = _student_logits(lm_head, h_CH, T)
         rows = _student_rows(cfg, z_CV, token_C, topk_ids_CK, main=distill_C is not None)
         del z_CV  # owned by the rows (or freed once the full log-probs exist)
@@ -142,7 +145,8 @@ def _chunk_loss(cfg: TrainConfig, lm_head, teacher_head):
         total = rows.token_C.new_zeros(())
         if distill_C is not None:
             loss_C, div_C = main_divergence(cfg, rows, t_logp_CV, teacher_C, behaviour_C,
-                                            topk_logp_CK, tail_C, inplace=True)
+                                            topk_logp_CK, tail_C, inplace=True,
+                                            reference_C=reference_C)
             total = total + (loss_C * distill_C).sum()
         else:
             div_C = rows.token_C.detach() - teacher_C  # sampled k1 estimate, for logging
@@ -302,7 +306,8 @@ def _micro_batch_forward(model, batch: Batch, cfg: TrainConfig, *, teacher: Live
             sl = slice(s, s + cfg.logit_chunk)
             args = (
                 h_NH[sl], part(th_NH, sl), batch.token_N[sl], batch.teacher_logp_N[sl],
-                batch.behaviour_logp_N[sl], batch.topk_ids_NK[sl], batch.topk_logp_NK[sl],
+                batch.behaviour_logp_N[sl], part(batch.reference_logp_N, sl), batch.topk_ids_NK[sl],
+                batch.topk_logp_NK[sl],
                 batch.tail_N[sl], part(coef.distill_N, sl), part(coef.fkl_N, sl),
                 part(coef.rkl_N, sl), part(coef.pg_N, sl),
             )
