@@ -7,13 +7,51 @@
   answer their verifier extracts (:func:`opsd.data.verifiers.answer_of`); a rule
   verifier extracts none, so its replies vote with their verdicts. The most
   frequent group's verdict counts; ties go to the earliest sample.
+
+Calibration of a confidence the reply states ("Confidence: 0.8", "confidence: 80%"; CaOPD,
+Zhang et al. 2026, arXiv:2604.16830), over the greedy replies that state one, with ``c_i`` the
+stated confidence and ``y_i`` ∈ {0, 1} the verdict:
+
+* Brier score ``(1/n) Σ_i (c_i − y_i)²``;
+* ECE over ``M`` equal-width bins ``B_m`` of [0, 1] (a confidence of 1 in the last):
+  ``Σ_m (|B_m| / n) · |mean_{B_m} y − mean_{B_m} c|``.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from math import comb
 from typing import Sequence
+
+_CONFIDENCE = re.compile(r"confidence(?:\s+(?:level|score))?\s*(?:is|[:=])?\s*(\d{1,3}(?:\.\d+)?)\s*(%?)",
+                         re.IGNORECASE)
+
+
+def stated_confidence(text: str) -> float | None:
+    """The last confidence a reply states, as a probability: "Confidence: 0.8" → 0.8,
+    "confidence: 80%" or "Confidence: 80" → 0.8; None when it states none (or one above 100 %)."""
+    found = _CONFIDENCE.findall(text)
+    if not found:
+        return None
+    number, percent = found[-1]
+    value = float(number)
+    if percent or value > 1.0:
+        value /= 100.0
+    return value if 0.0 <= value <= 1.0 else None
+
+
+def brier(confidence: Sequence[float], correct: Sequence[bool]) -> float:
+    return sum((c - float(y)) ** 2 for c, y in zip(confidence, correct)) / len(confidence)
+
+
+def ece(confidence: Sequence[float], correct: Sequence[bool], bins: int = 10) -> float:
+    groups: dict[int, list[tuple[float, bool]]] = {}
+    for c, y in zip(confidence, correct):
+        groups.setdefault(min(int(c * bins), bins - 1), []).append((c, y))
+    n = len(confidence)
+    return sum(len(g) / n * abs(sum(y for _, y in g) / len(g) - sum(c for c, _ in g) / len(g))
+               for g in groups.values())
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -23,7 +23,7 @@ from opsd.context.render import build_context, student_ids, student_turn_ids, te
 from opsd.data import verify
 from opsd.data.rows import Row
 from opsd.data.verifiers import answer_of
-from opsd.metrics import macro, majority_passed, pass_at_k, vote
+from opsd.metrics import brier, ece, macro, majority_passed, pass_at_k, stated_confidence, vote
 from opsd.pool import Policy
 from opsd.stages.common import StageContext
 from opsd.storage.parquet import EVAL_SAMPLES, shard_name, write_table_atomic
@@ -116,6 +116,17 @@ def metrics_of(rows: list[Row], cols: dict, per_row: dict, k: int) -> dict:
     truncated = [f == "length" for f, g in zip(cols["finish_reason"], cols["greedy"]) if g]
     out["greedy_mean_tokens"] = sum(lengths) / max(1, len(lengths))
     out["greedy_truncated"] = sum(truncated) / max(1, len(truncated))
+    # calibration of the confidence greedy replies state (when any states one)
+    stated = [(stated_confidence(t), p) for t, g, p in zip(cols["text"], cols["greedy"], cols["passed"])
+              if g]
+    known = [(c, p) for c, p in stated if c is not None]
+    if known:
+        conf, ok = [c for c, _ in known], [p for _, p in known]
+        out["confidence_stated"] = len(known) / len(stated)
+        out["confidence_mean"] = sum(conf) / len(conf)
+        out["confidence_accuracy"] = sum(ok) / len(ok)
+        out["ece"] = ece(conf, ok)
+        out["brier"] = brier(conf, ok)
     if k:
         by_task: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for rid, samples in per_row.items():

@@ -87,3 +87,42 @@ def test_maj_at_k_of_an_answer_task_votes_on_the_extracted_answer(tmp_path, tiny
     assert m["pass@3"]["math"] == pytest.approx(1.0)
     assert m["maj@3"]["math"] == pytest.approx(0.5)
     assert m["pass@3_macro"] == pytest.approx(1.0)
+
+
+def test_stated_confidence_reads_the_last_one_as_a_probability():
+    from opsd.metrics import stated_confidence
+
+    assert stated_confidence("Answer: 4. Confidence: 0.8") == 0.8
+    assert stated_confidence("confidence: 80%") == 0.8
+    assert stated_confidence("My confidence level is 35") == 0.35
+    assert stated_confidence("Confidence: 0.2 ... on reflection, Confidence = 0.9") == 0.9
+    assert stated_confidence("no number here") is None
+    assert stated_confidence("Confidence: 250") is None
+
+
+def test_ece_and_brier_by_hand():
+    from opsd.metrics import brier, ece
+
+    conf = [0.9, 0.9, 0.2, 0.6, 1.0]
+    ok = [True, False, False, True, True]
+    # Brier: (0.01 + 0.81 + 0.04 + 0.16 + 0) / 5
+    assert abs(brier(conf, ok) - 1.02 / 5) < 1e-12
+    # bins: [0.9, 0.9, 1.0] -> acc 2/3, conf 14/15; [0.2] -> 0 vs 0.2; [0.6] -> 1 vs 0.6
+    want = 3 / 5 * abs(2 / 3 - 2.8 / 3) + 1 / 5 * 0.2 + 1 / 5 * 0.4
+    assert abs(ece(conf, ok) - want) < 1e-12
+    assert ece([1.0, 0.0], [True, False]) == 0.0  # perfectly calibrated extremes
+
+
+def test_evaluation_reports_calibration_only_when_replies_state_a_confidence():
+    from opsd.data.rows import Row
+    from opsd.stages.evaluate import metrics_of
+
+    rows = [Row.model_validate({"id": f"r{i}", "prompt": "?", "task": "t",
+                                "verifier": {"type": "regex", "pattern": "yes"}}) for i in range(3)]
+    cols = {"row_id": ["r0", "r1", "r2"], "greedy": [True] * 3, "passed": [True, False, True],
+            "n_tokens": [3, 3, 3], "finish_reason": ["stop"] * 3,
+            "text": ["yes. Confidence: 0.9", "no. Confidence: 0.7", "yes"]}
+    m = metrics_of(rows, cols, {}, 0)
+    assert m["confidence_stated"] == 2 / 3 and abs(m["confidence_mean"] - 0.8) < 1e-12
+    assert abs(m["brier"] - (0.01 + 0.49) / 2) < 1e-12 and m["confidence_accuracy"] == 0.5
+    assert "ece" not in metrics_of(rows, {**cols, "text": ["yes", "no", "yes"]}, {}, 0)
