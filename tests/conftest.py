@@ -27,11 +27,17 @@ INTEGRATION_MODULES = {
     "test_online_recipes", "test_facts_recipes", "test_g_opd",
 }
 
+# single tests of otherwise fast modules that run a whole `opsd run` in a subprocess (1-2 min)
+INTEGRATION_TESTS = {
+    "test_prefect_server_killed_mid_run_loses_nothing_and_the_run_exits",
+    "test_a_full_disk_fails_clearly_publishes_nothing_and_the_rerun_resumes",
+}
+
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rpartition(".")[2] if item.module else ""
-        if module in INTEGRATION_MODULES:
+        if module in INTEGRATION_MODULES or item.originalname in INTEGRATION_TESTS:
             item.add_marker(pytest.mark.integration)
 
 
