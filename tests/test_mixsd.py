@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -89,6 +91,7 @@ def test_mix_settings_enter_content_keys_only_when_mixing():
 def test_the_mixsd_recipe_loads():
     import yaml
 
-    cfg = PipelineConfig.model_validate(yaml.safe_load(open("configs/facts/mixsd.yaml")))
+    recipe = Path(__file__).resolve().parent.parent / "configs" / "facts" / "mixsd.yaml"
+    cfg = PipelineConfig.model_validate(yaml.safe_load(recipe.read_text()))
     assert cfg.rollout.guidance.enabled and cfg.rollout.guidance.mode == "mix"
     assert cfg.train.objective == "nll" and cfg.rollout.sample_from == "student"
