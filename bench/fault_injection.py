@@ -163,30 +163,6 @@ def _run(recipe: Path, root: Path, log: Path, env: dict, timeout: float = 1800) 
     return rc, time.time() - t0
 
 
-def _ranks(pid: int) -> list[int]:
-    """PIDs of the torchrun worker ranks under process ``pid`` (torchrun starts each rank in a
-    session of its own, so they are found by parent links, not by session)."""
-    children: dict[int, list[int]] = {}
-    commands: dict[int, bytes] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            commands[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ")
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        p = todo.pop()
-        todo += children.get(p, [])
-        cmd = commands.get(p, b"")
-        if b"opsd.stages.train_worker" in cmd and b"torch.distributed.run" not in cmd:
-            found.append(p)
-    return sorted(found)
-
-
 # ------------------------------------------------------------------ catalog views
 
 
@@ -345,18 +321,20 @@ def strike(k: Kill, ref: Reference, base: Path, rng: random.Random, env: dict) -
     row = ref.stages[k.target]
     staging = root / "tmp" / f"{row['stage']}-{row['key']}"
     window = max(0.2, float(row["seconds"] or 1.0))
+    from opsd.training.distributed import rank_pids
+
     proc = _start(ref.recipe, root, log, env)
     kill_at: datetime | None = None
     deadline = time.time() + 1200
     while proc.poll() is None and time.time() < deadline:
         if k.kind == "rank":
-            ranks = _ranks(proc.pid)
+            ranks = rank_pids(proc.pid)
             if len(ranks) < 2:
                 time.sleep(0.02)
                 continue
             k.delay = rng.uniform(0, 0.9 * window)
             time.sleep(k.delay)
-            ranks = _ranks(proc.pid)
+            ranks = rank_pids(proc.pid)
             if ranks and proc.poll() is None:
                 kill_at = _utcnow()
                 os.kill(rng.choice(ranks), signal.SIGKILL)  # one rank dies, the rest must notice

@@ -88,29 +88,22 @@ def write_shard(job: RolloutShard, tokenizer, engine, guide_model=None, progress
         n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
         max_new_tokens=cfg.max_new_tokens, seed=job.seed,
     )
+    # the teacher's prompts (privileged context + the student's turns), built once for whatever
+    # reads them: guidance, sampling from the teacher, the hinted rescue
+    contexts = [
+        teacher_ids(tokenizer, r, build_context(r, job.context), student_turn_ids(tokenizer, r))
+        for r in chunk
+    ] if cfg.needs_teacher() else None
     guidance = None
-    if guide_model is not None:
+    if guide_model is not None and cfg.guidance.enabled:
         g = cfg.guidance
-        contexts = [
-            teacher_ids(tokenizer, r, build_context(r, job.context), student_turn_ids(tokenizer, r))
-            for r in chunk
-        ]
         guidance = Guidance(guide_model, contexts, g.threshold, g.min_teacher_prob, g.max_per_sample,
                             g.mode, g.mix)
-    gen_prompts = prompts
-    if from_teacher:
-        gen_prompts = [
-            teacher_ids(tokenizer, r, build_context(r, job.context), student_turn_ids(tokenizer, r))
-            for r in chunk
-        ]
+    gen_prompts = contexts if from_teacher else prompts
     gens = engine.generate(gen_prompts, params, progress=progress, guidance=guidance)
     rescued = 0
     if cfg.rescue_tries and guide_model is not None:
         hinted = HFGenerator(guide_model, tokenizer, batch_size=cfg.batch_size)
-        contexts = [
-            teacher_ids(tokenizer, r, build_context(r, job.context), student_turn_ids(tokenizer, r))
-            for r in chunk
-        ]
         gens, rescued = rescue(chunk, gens, contexts, hinted, tokenizer, params, cfg.rescue_tries)
     table = sample_rows(chunk, prompts, gens, tokenizer,
                         job.teacher.key if from_teacher else job.policy.key, job.iteration)

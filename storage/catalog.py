@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import duckdb
 from filelock import FileLock, Timeout
 
-from opsd.storage.layout import Layout
+from opsd.storage.layout import Layout, pid_alive
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS runs(
@@ -84,16 +84,6 @@ FROM teacher_targets t JOIN rollouts r
 
 class CatalogBusy(RuntimeError):
     pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _now() -> datetime:
@@ -191,7 +181,7 @@ class Catalog:
             rows = con.execute(
                 "SELECT run_id, pid FROM runs WHERE status = 'running' AND host = ?", [host]
             ).fetchall()
-            dead = [rid for rid, pid in rows if pid is not None and not _alive(pid)]
+            dead = [rid for rid, pid in rows if pid is not None and not pid_alive(pid)]
             for rid in dead:
                 con.execute("UPDATE runs SET status='killed', finished_at=? WHERE run_id=?", [_now(), rid])
                 con.execute("UPDATE stages SET status='killed', finished_at=? "

@@ -45,6 +45,21 @@ def tiny_config(model_dir: Path, data: Path) -> dict:
     }
 
 
+def shrunk_recipe(recipe: Path, model_dir: Path) -> dict:
+    """A recipe file as a dict, its method sections kept and its sizes shrunk for the tiny model
+    (6-token replies, 4-sample batches, top-4 targets, no retention)."""
+    import yaml
+
+    raw = yaml.safe_load(recipe.read_text())
+    raw["model"] = {"name": str(model_dir)}
+    raw["rollout"].update(max_new_tokens=6, batch_size=8)
+    raw["train"].update(batch_size=4, micro_batch_size=2, lr=1e-3, logit_chunk=16)
+    raw["teacher"]["topk"] = 4
+    raw.setdefault("eval", {})["max_new_tokens"] = 6
+    raw["retention"] = {"enabled": False}
+    return raw
+
+
 def online_config(model_dir: Path, data: Path, iterations=4, **over) -> dict:
     cfg = {
         "name": "tiny-online", "mode": "online",

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from opsd.config import config_from_dict
 from opsd.storage.catalog import Catalog
 from opsd.storage.layout import Layout
+from tests.helpers import shrunk_recipe
 
 FACTS = Path(__file__).resolve().parent.parent / "configs" / "facts"
 RECIPES = ["opsd", "sft", "mixsd"]
@@ -27,15 +27,10 @@ def test_every_facts_recipe_is_here():
 def test_facts_recipe_runs_end_to_end(name, tiny_model_dir, tmp_path):
     from opsd.flows.offline import offline_flow
 
-    raw = yaml.safe_load((FACTS / f"{name}.yaml").read_text())
-    raw["model"] = {"name": str(tiny_model_dir)}
+    raw = shrunk_recipe(FACTS / f"{name}.yaml", tiny_model_dir)
     raw["data"].update(train_limit=8, eval_limit=4)
-    raw["rollout"].update(max_new_tokens=6, batch_size=16)
-    raw["train"].update(steps=2, batch_size=4, micro_batch_size=2, lr=1e-3, logit_chunk=16)
-    raw["teacher"]["topk"] = 4
-    raw["eval"].update(max_new_tokens=6, benchmarks=[
-        {**b, "limit": 4} for b in raw["eval"]["benchmarks"]])
-    raw["retention"] = {"enabled": False}
+    raw["train"]["steps"] = 2
+    raw["eval"]["benchmarks"] = [{**b, "limit": 4} for b in raw["eval"]["benchmarks"]]
     cfg = config_from_dict(raw, name)  # the validation a recipe file gets
     metrics = offline_flow(config=cfg.model_dump(mode="json"), root=str(tmp_path / "home"),
                            show_progress=False)

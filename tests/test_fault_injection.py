@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from opsd.training.distributed import rank_pids
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -41,28 +43,6 @@ def test_killed_runs_resume_to_the_clean_result(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:]
 
 
-def _ranks_under(pid: int) -> list[int]:
-    """torchrun worker ranks below ``pid`` (by parent links: each rank has a session of its own)."""
-    children: dict[int, list[int]] = {}
-    commands: dict[int, bytes] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                commands[int(d.name)] = (d / "cmdline").read_bytes()
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        p = todo.pop()
-        todo += children.get(p, [])
-        if b"opsd.stages.train_worker" in commands.get(p, b"") \
-                and b"torch.distributed.run" not in commands.get(p, b""):
-            found.append(p)
-    return found
-
-
 @pytest.mark.timeout(900)
 def test_a_killed_run_leaves_no_torchrun_rank_training(tiny_model_dir, tmp_path):
     """torchrun gives every rank a session of its own: SIGKILLing the run's process group used to
@@ -85,7 +65,7 @@ def test_a_killed_run_leaves_no_torchrun_rank_training(tiny_model_dir, tmp_path)
     ranks: list[int] = []
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline and len(ranks) < 2:
-        ranks = _ranks_under(proc.pid)
+        ranks = rank_pids(proc.pid)
         time.sleep(0.2)
     assert len(ranks) == 2, "the two ranks never started"
     time.sleep(3)

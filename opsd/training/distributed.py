@@ -375,6 +375,31 @@ def launch(spec: dict, work_dir: Path, world_size: int, *, nnodes: int = 1,
     run_node(spec_path, log_name=log_name)
 
 
+def rank_pids(pid: int) -> list[int]:
+    """PIDs of the torchrun worker ranks below process ``pid`` (Linux ``/proc``). torchrun starts
+    each rank in a session of its own, so they are found by parent links, not by session; the
+    soak (bench/fault_injection.py) and the kill tests use it to find what is still training."""
+    children: dict[int, list[int]] = {}
+    commands: dict[int, bytes] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            commands[int(d.name)] = (d / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        cmd = commands.get(p, b"")
+        if b"opsd.stages.train_worker" in cmd and b"torch.distributed.run" not in cmd:
+            found.append(p)
+    return sorted(found)
+
+
 def exit_when_orphaned(owner: dict | None, interval: float = 1.0) -> None:
     """Make this rank end (SIGKILL) within ``interval`` seconds of losing its run.
 
@@ -387,22 +412,15 @@ def exit_when_orphaned(owner: dict | None, interval: float = 1.0) -> None:
     import threading
     import time
 
+    from opsd.storage.layout import pid_alive
+
     parent = os.getppid()
     local = owner is not None and owner.get("host") == socket.gethostname()
-
-    def alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
     def watch() -> None:
         while True:
             time.sleep(interval)
-            if os.getppid() != parent or (local and not alive(int(owner["pid"]))):
+            if os.getppid() != parent or (local and not pid_alive(int(owner["pid"]))):
                 os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, daemon=True, name="opsd-orphan-watch").start()
