@@ -1,8 +1,11 @@
 """Run every recipe in configs/ end to end on the quickstart task and compare them.
 
     python -m bench.compare_recipes --root /path/to/opsd-home            # all recipes
-    python -m bench.compare_recipes --recipes quickstart srpo --set train.epochs=1
+    python -m bench.compare_recipes --recipes quickstart srpo --set train.steps=32
+    python -m bench.compare_recipes --merge --recipes online/opsd online/kepo --set online.iterations=8
 
+A recipe is a config path under configs/ without ``.yaml`` (``online/sdpo`` is
+``configs/online/sdpo.yaml``); each runs through the flow of its ``mode`` (offline or online).
 All runs share one storage root, so the upstream stages (dataset, base and teacher
 evaluations, rollouts, teacher targets, retention base replies) are computed by the first
 recipe that needs them and reused by the others — content keys decide, not this script.
@@ -39,20 +42,22 @@ from bench.docs import write_section  # noqa: E402
 
 RECIPES = ["quickstart", "lightning-opd", "opsd", "pw-opsd", "tip", "srpo", "scope", "exopd",
            "vopd", "trace", "grpo", "sft"]
+ONLINE_RECIPES = ["online/opsd", "online/sdpo", "online/skill-sd", "online/kepo", "online/avsd",
+                  "online/atesd"]
 
 
 def run_recipe(name: str, root: str, overrides: list[str], tag: str = "") -> dict:
-    from opsd.flows.offline import offline_flow
+    from opsd.flows.pipeline import FLOWS
     from opsd.config import load_config
     from opsd.flows.runner import new_run_id
     from opsd.storage.catalog import Catalog
     from opsd.storage.layout import Layout
 
     cfg = load_config(ROOT / "configs" / f"{name}.yaml", overrides)
-    run_id = f"{new_run_id()}-{name}"
+    run_id = f"{new_run_id()}-{name.replace('/', '-')}"
     t0 = time.perf_counter()
-    metrics = offline_flow(config=cfg.model_dump(mode="json"), root=root, run_id=run_id,
-                           show_progress=False)
+    metrics = FLOWS[cfg.mode](config=cfg.model_dump(mode="json"), root=root, run_id=run_id,
+                              show_progress=False)
     wall = time.perf_counter() - t0
     layout = Layout.at(root)
     cat = Catalog(layout)
@@ -66,22 +71,35 @@ def run_recipe(name: str, root: str, overrides: list[str], tag: str = "") -> dic
         _, rows = cat.query("SELECT seconds FROM stages WHERE key=? AND NOT cached AND "
                             "status='completed' ORDER BY started_at LIMIT 1", [s["key"]])
         compute_s += float(rows[0][0]) if rows else float(s["seconds"] or 0.0)
-    train = next((s for s in stages if s["label"] == "train"), None)
-    man = (cat.artifact(train["key"]) or {}).get("manifest", {}) if train else {}
+    # offline: one `train` stage; online: `train/000`, `train/001`, ... (summed)
+    mans = [(cat.artifact(s["key"]) or {}).get("manifest", {}) for s in stages
+            if s["label"] == "train" or s["label"].startswith("train/")]
+    man = mans[-1] if mans else {}
+
+    def total(field: str):
+        vals = [m[field] for m in mans if isinstance(m.get(field), (int, float))]
+        return sum(vals) if vals else None
     after = {k.rsplit(".", 1)[-1]: v for k, v in metrics.items() if k.startswith("eval.after.greedy.")}
     return {
-        "recipe": name + tag, "run_id": run_id, "overrides": overrides,
-        "objective": cfg.train.objective,
+        "recipe": name + tag, "run_id": run_id, "overrides": overrides, "mode": cfg.mode,
+        "objective": cfg.train.objective, "data": cfg.data.source,
         "before": metrics.get("eval.before.greedy"), "after": metrics.get("eval.after.greedy"),
         "teacher": metrics.get("eval.teacher.greedy"), "after_by_task": after,
         "retention_logprob_delta": metrics.get("retention.logprob_delta"),
         "retention_exact_match": metrics.get("retention.exact_match"),
+        "retention_panel_delta": metrics.get("retention.panel_delta"),
         "wall_s": wall, "pipeline_wall_s": metrics.get("wall_seconds"), "compute_s": compute_s,
         "stages_run": [s["label"] for s in stages if not s["cached"]],
-        "train_s": man.get("seconds"), "tokens_trained": man.get("tokens_trained"),
-        "steps": man.get("steps"), "final_loss": man.get("final_loss"),
+        "train_s": total("seconds"), "tokens_trained": total("tokens_trained"),
+        "steps": total("steps"), "final_loss": man.get("final_loss"),
         "train_means": man.get("means", {}), "passed_fraction": man.get("passed_fraction"),
     }
+
+
+def _mode(name: str) -> str:
+    import yaml
+
+    return yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text()).get("mode", "offline")
 
 
 def _pct(v) -> str:
@@ -92,24 +110,35 @@ def _num(v, fmt="{:.0f}") -> str:
     return fmt.format(v) if isinstance(v, (int, float)) else "-"
 
 
+def _points(v) -> str:
+    return f"{v * 100:+.1f} pts" if isinstance(v, (int, float)) else "-"
+
+
+def _short(source) -> str:
+    """The data column: a built-in suite's name, or a reasoning_gym task without its query."""
+    return str(source or "-").split("?")[0].replace("reasoning_gym:", "rg:")
+
+
 def markdown(results: list[dict], meta: dict) -> str:
     tasks = sorted({t for r in results for t in r.get("after_by_task", {})})
     lines = [
         f"Measured {meta['date']} on {meta['machine']} ({meta['cpus']} CPU cores, torch "
         f"{meta.get('torch', '?')}); command: `{meta['command']}`.",
         "",
-        "| recipe | before | after | teacher (PI) | retention Δ log-lik | retention exact | "
-        "compute s | train s | tokens trained |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| recipe | data | before | after | teacher (PI) | retention Δ log-lik | retention exact | "
+        "general panel Δ | compute s | train s | steps | tokens trained |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['recipe']} | failed: {r['error'].splitlines()[-1][:80]} | | | | | | | |")
+            lines.append(f"| {r['recipe']} | | failed: {r['error'].splitlines()[-1][:80]} | | | | | | | | | |")
             continue
         lines.append(
-            f"| {r['recipe']} | {_pct(r['before'])} | **{_pct(r['after'])}** | {_pct(r['teacher'])} | "
-            f"{_num(r['retention_logprob_delta'], '{:+.3f}')} | {_pct(r['retention_exact_match'])} | "
-            f"{_num(r.get('compute_s', r['wall_s']))} | {_num(r['train_s'])} | {_num(r['tokens_trained'])} |")
+            f"| {r['recipe']} | {_short(r.get('data'))} | {_pct(r['before'])} | **{_pct(r['after'])}** | "
+            f"{_pct(r['teacher'])} | {_num(r['retention_logprob_delta'], '{:+.3f}')} | "
+            f"{_pct(r['retention_exact_match'])} | {_points(r.get('retention_panel_delta'))} | "
+            f"{_num(r.get('compute_s', r['wall_s']))} | {_num(r['train_s'])} | {_num(r.get('steps'))} | "
+            f"{_num(r['tokens_trained'])} |")
     if tasks:
         lines += ["", "Held-out greedy compliance after training, per rule:", "",
                   "| recipe | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
@@ -117,9 +146,11 @@ def markdown(results: list[dict], meta: dict) -> str:
             if "error" not in r:
                 lines.append(f"| {r['recipe']} | " + " | ".join(_pct(r["after_by_task"].get(t))
                                                              for t in tasks) + " |")
-    lines += ["", "`before`/`after`: the student without privileged context (macro over the four "
-              "rules, 128 held-out questions, greedy); `teacher (PI)`: the same base model with the "
-              "demonstrations in context. Retention: the trained student's mean per-token "
+    lines += ["", "`before`/`after`: the student without privileged context (greedy held-out pass rate, "
+              "macro over the data's tasks: the four rules of `behaviours`, 128 held-out questions); "
+              "`teacher (PI)`: the same base model with its privileged context. `general panel Δ`: "
+              "the retention panel's greedy pass rate (general questions and two held-out "
+              "reasoning_gym tasks) after minus before, in points. Retention: the trained student's mean per-token "
               "log-likelihood of the base model's greedy replies to 32 rule-free questions minus "
               "the base model's own, and the share of those questions where its greedy reply is "
               "token-identical. `compute s`: the seconds of every stage the recipe needs (evaluations "
@@ -131,8 +162,12 @@ def markdown(results: list[dict], meta: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=os.environ.get("OPSD_HOME", "opsd-home"), help="storage root")
-    ap.add_argument("--recipes", nargs="*", default=RECIPES)
+    ap.add_argument("--recipes", nargs="*", default=RECIPES + ONLINE_RECIPES)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for every recipe")
+    ap.add_argument("--set-offline", dest="offline_overrides", action="append", default=[],
+                    help="override for the offline recipes only (e.g. train.steps=32)")
+    ap.add_argument("--set-online", dest="online_overrides", action="append", default=[],
+                    help="override for the online recipes only (e.g. online.iterations=8)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "recipes.json"))
     ap.add_argument("--docs", default=str(ROOT / "docs" / "recipes.md"))
     ap.add_argument("--no-docs", action="store_true")
@@ -158,12 +193,14 @@ def main() -> None:
     if args.merge and out.exists():
         mine = {n + args.tag for n in args.recipes}
         results = [r for r in json.loads(out.read_text())["results"] if r["recipe"] not in mine]
-    order = {n: i for i, n in enumerate(RECIPES)}
+    order = {n: i for i, n in enumerate(RECIPES + ONLINE_RECIPES)}
     for name in args.recipes:
         t0 = time.perf_counter()
         try:
             # every recipe enables retention; the quickstart does not, so switch it on for all
-            res = run_recipe(name, args.root, ["retention.enabled=true", *args.overrides], args.tag)
+            by_mode = args.online_overrides if _mode(name) == "online" else args.offline_overrides
+            res = run_recipe(name, args.root, ["retention.enabled=true", *args.overrides, *by_mode],
+                             args.tag)
         except Exception as err:  # keep going: one broken recipe must not hide the others
             res = {"recipe": name + args.tag, "error": f"{type(err).__name__}: {err}\n{traceback.format_exc()[-3000:]}",
                    "wall_s": time.perf_counter() - t0}
