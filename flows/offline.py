@@ -1,7 +1,7 @@
 """Offline pipeline (Lightning-OPD style) as one Prefect flow.
 
-dataset → evaluate(before) → evaluate(teacher) → rollout → [summarise] → teacher → train
-        → evaluate(after) → [retention]
+dataset → evaluate(before) → evaluate(teacher) → rollout → [confidence] → [summarise] → teacher
+        → train → evaluate(after) → [retention]
 
 Every evaluation also scores the ``eval.benchmarks`` panel (one evaluate stage per benchmark).
 
@@ -57,6 +57,11 @@ def rollout_task(p: Pipeline, rows, data, policy, teacher, start_at, force, shar
     return steps.rollout_step(p, rows, data, policy, teacher=teacher, force="rollout" in force,
                               require_cached=steps.upstream_of("rollout", start_at),
                               shards=shards or shard_runner(p.cfg.runner))
+
+
+@task(name="confidence", **TASK_OPTS)
+def confidence_task(p: Pipeline, rollouts, policy):
+    return steps.confidence_step(p, rollouts, policy)
 
 
 @task(name="summarise", **TASK_OPTS)
@@ -116,6 +121,8 @@ def offline_flow(
         # worker processes / a local Ray instance and their model copies are gone by then.
         with shard_runner(cfg.runner) as shards:
             rollouts = rollout_task(p, rows, data, student, teacher, start_at, force, shards)
+            # CaOPD: stated confidences revised to the pass rates (the rollouts when off)
+            rollouts = confidence_task(p, rollouts, student)
             skills = summarise_task(p, rollouts, student)
             targets = teacher_task(p, rows, data, rollouts, teacher, skills, start_at, force,
                                    shards)

@@ -31,9 +31,9 @@ from opsd.stages import train as train_stage
 @task(name="iteration", task_run_name="iteration-{iteration}", **TASK_OPTS)
 def iteration_task(p: Pipeline, loop: OnlineLoop, iteration: int, policy: Policy,
                    final: bool, t_start: float) -> tuple[Policy, dict | None]:
-    """rollout → [summarise] → teacher → train (→ evaluate) of one iteration. Every stage that
-    computes first catches the resident student up with the chain (``loop.current``); a
-    reused one needs no model at all."""
+    """rollout → [summarise] → teacher → [revise] → train (→ evaluate) of one iteration. Every
+    stage that computes first catches the resident student up with the chain
+    (``loop.current``); a reused one needs no model at all."""
     cfg = p.cfg
     subset = iteration_prompts(loop.train_rows, cfg, iteration)
     teacher = loop.teacher_policy(policy.key)
@@ -51,7 +51,12 @@ def iteration_task(p: Pipeline, loop: OnlineLoop, iteration: int, policy: Policy
         skills=skills, exposure=loop.exposure(iteration), scorer=lambda: loop.current().scorer,
     )
     loop.observe(iteration, rollouts)
-    art, new_policy = steps.online_train_step(p, loop, rollouts, targets, policy, iteration)
+    # SD-Zero: the current model as the reviser of this iteration's attempts (None when off)
+    revisions = steps.revise_step(p, loop.rows, rollouts, policy, label=f"revise/{iteration:03d}",
+                                  iteration=iteration, skills=skills, before_run=loop.current,
+                                  engine=lambda: loop.current().generator)
+    art, new_policy = steps.online_train_step(p, loop, rollouts, targets, policy, iteration,
+                                              revisions=revisions)
 
     every = cfg.online.eval_every
     if not (every and (iteration + 1) % every == 0 and not final):

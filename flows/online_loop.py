@@ -103,6 +103,8 @@ class OnlineLoop:
         self.res: Resident | None = None
         # (train key, rollouts, targets) of every iteration so far, in order
         self.chain: list[tuple[str, Artifact, Artifact]] = []
+        # SD-Zero (train.reviser): iteration → its revise artifact, which its training also reads
+        self.revisions: dict[int, Artifact] = {}
         self.pass_rates: dict[int, float | None] = {}
         chain = {
             "online": config_for_key(self.cfg.online),
@@ -251,7 +253,7 @@ class OnlineLoop:
             # Deterministic replay from cached rollouts/targets (no resume point covers it).
             self.p.say(f"online: replaying training of iteration {i} from cached targets")
             _, roll, targ = chain[i]
-            self._train_steps(roll, targ, i, record=False)
+            self._train_steps(roll, targ, i, record=False, revisions=self.revisions.get(i))
             res.state_key = keys[i]
             self._sync_copies()
 
@@ -309,7 +311,8 @@ class OnlineLoop:
 
     # ------------------------------------------------------------------ training
 
-    def _train_steps(self, rollouts: Artifact, targets: Artifact, iteration: int, record=True) -> list[dict]:
+    def _train_steps(self, rollouts: Artifact, targets: Artifact, iteration: int, record=True,
+                     revisions: Artifact | None = None) -> list[dict]:
         res = self._prepare()
         self.wait_saved()  # the optimiser step changes the weights and moments being written
         if res.infer is not res.teacher_model:
@@ -320,27 +323,30 @@ class OnlineLoop:
         stats = train_stage.online_steps(
             res.trainer, self.cfg.train, rollouts, targets, iteration,
             self.cfg.online.steps_per_iteration, rows=self.train_rows,
-            tokenizer=self.p.pool.tokenizer(self.base))
+            tokenizer=self.p.pool.tokenizer(self.base), revisions=revisions)
         if record:
             res.history.extend(stats)
         return stats
 
     def train_iteration(self, rollouts: Artifact, targets: Artifact, iteration: int,
-                        ctx: StageContext) -> dict:
+                        ctx: StageContext, revisions: Artifact | None = None) -> dict:
         """The train stage of one iteration: the resident student, caught up with the chain,
-        takes ``online.steps_per_iteration`` optimiser steps on this iteration's samples."""
+        takes ``online.steps_per_iteration`` optimiser steps on this iteration's samples (and
+        its passing ``revisions``, SD-Zero's reviser term)."""
         self.current()
         t0 = time.perf_counter()
-        stats = self._train_steps(rollouts, targets, iteration)
+        stats = self._train_steps(rollouts, targets, iteration, revisions=revisions)
         return train_stage.online_manifest(stats, self.cfg.train, iteration,
                                            time.perf_counter() - t0, ctx, self.res.trainer)
 
     def record(self, key: str, rollouts: Artifact, targets: Artifact, iteration: int, *,
-               trained_here: bool) -> None:
+               trained_here: bool, revisions: Artifact | None = None) -> None:
         """Append iteration ``iteration`` (train key ``key``) to the chain. When this process
         trained it, the resident student holds its end state: refresh the sampling and teacher
         copies and write a resume point (a reused iteration is caught up lazily instead)."""
         self.chain.append((key, rollouts, targets))
+        if revisions is not None:  # a replay of this iteration trains the reviser on them too
+            self.revisions[iteration] = revisions
         if trained_here:
             self.res.state_key = key
             self._sync_copies()

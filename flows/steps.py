@@ -25,9 +25,11 @@ from opsd.flows.plots import log_eval_table, log_training_curves
 from opsd.flows.runner import Pipeline, config_for_key
 from opsd.models import check_compatible, load_tokenizer, resolve_model_path
 from opsd.pool import Policy, base_policy
+from opsd.stages import confidence as confidence_stage
 from opsd.stages import dataset as dataset_stage
 from opsd.stages import evaluate as evaluate_stage
 from opsd.stages import retention as retention_stage
+from opsd.stages import revise as revise_stage
 from opsd.stages import rollout as rollout_stage
 from opsd.stages import summarise as summarise_stage
 from opsd.stages import teacher as teacher_stage
@@ -69,7 +71,27 @@ def resolve_policies(cfg: PipelineConfig) -> tuple[Policy, Policy]:
     else:
         teacher = Policy(student.key, student.path, "teacher")
     reference_policy(cfg, student)  # refused here, before any compute, when incompatible
+    routed = routed_teachers(cfg, student)
+    if routed:  # MOPD: guidance and the ceiling evaluation read the default teacher
+        default = routed[cfg.teacher.default_teacher()]
+        teacher = Policy(default.key, default.path, "teacher")
     return student, teacher
+
+
+def routed_teachers(cfg: PipelineConfig, student: Policy) -> dict[str, Policy] | None:
+    """MOPD's named teachers (``teacher.teachers``) as policies, each checked to share the
+    student's tokenizer and vocabulary ('self': the student's initial weights); None without."""
+    if not cfg.teacher.teachers:
+        return None
+    out = {}
+    for t in cfg.teacher.teachers:
+        if t.model is None:
+            out[t.name] = Policy(student.key, student.path, t.name)
+            continue
+        path = resolve_model_path(t.model)
+        check_compatible(student.path, path)
+        out[t.name] = Policy(base_policy(path).key, path, t.name)
+    return out
 
 
 def reference_policy(cfg: PipelineConfig, student: Policy) -> Policy | None:
@@ -138,6 +160,15 @@ def preflight(cfg: PipelineConfig, rows: list[Row], student: Policy, teacher: Po
                 ctx = build_context(row, cfg.teacher.context)
                 ids = teacher_ids(tok, row, ctx, student_turn_ids(tok, row))
             check_length(row.id, len(ids) + reply, limit, f"{who} prompt + max_new_tokens")
+    for t, policy in zip(cfg.teacher.teachers, (routed_teachers(cfg, student) or {}).values()):
+        # MOPD: each named teacher's own prompt (its views) must fit its own window
+        tok = load_tokenizer(policy.path)
+        limit = getattr(AutoConfig.from_pretrained(policy.path), "max_position_embeddings", None)
+        for row in rows:
+            ids = teacher_ids(tok, row, build_context(row, cfg.teacher.context, views=t.views),
+                              student_turn_ids(tok, row))
+            check_length(row.id, len(ids) + cfg.rollout.max_new_tokens, limit,
+                         f"teacher {t.name!r} prompt + max_new_tokens")
 
 
 def check_device(cfg: PipelineConfig) -> None:
@@ -210,6 +241,20 @@ def _resolve(thing):
     return thing() if callable(thing) else thing
 
 
+def confidence_step(p: Pipeline, rollouts: Artifact, policy: Policy, *,
+                    label="confidence") -> Artifact:
+    """CaOPD: ``rollouts`` with every stated confidence replaced by its prompt's pass rate
+    (``confidence.revise``; the rollouts unchanged when off). The result is a rollouts
+    artifact (stored with the rollouts), read by the teacher and train stages in their place."""
+    if not p.cfg.confidence.revise:
+        return rollouts
+    cfg = {"confidence": config_for_key(p.cfg.confidence),
+           "scoring_dtype": p.cfg.teacher.dtype, "scoring_backend": p.cfg.teacher.backend}
+    return p.stage(label, "rollout", cfg, {"rollouts": rollouts.key, "policy": policy.key},
+                   lambda ctx: confidence_stage.run(p.cfg.confidence, rollouts, policy, ctx,
+                                                    scoring=p.cfg.teacher))
+
+
 def summarise_step(p: Pipeline, rollouts: Artifact, policy: Policy, *, label="summarise",
                    model=None, before_run=None) -> dict[str, str] | None:
     """Skill-SD lessons per task/prompt from ``rollouts`` (None when summarise is off)."""
@@ -236,7 +281,8 @@ def teacher_step(p: Pipeline, rows: list[Row], data: Artifact, rollouts: Artifac
     if needs_dynamic(p.cfg.teacher.context):
         r = read_table(rollouts.path, columns=["sample_id", "row_id", "task", "text", "passed",
                                                "reward", "feedback"]).to_pydict()
-        extra = dynamic_views(r, p.cfg.teacher.context, skills, p.cfg.summarise.group_by)
+        extra = dynamic_views(r, p.cfg.teacher.context, skills, p.cfg.summarise.group_by,
+                              confidence_decimals=p.cfg.confidence.decimals)
         cfg["extra_views"] = views_key(extra)
         pi_usage = usage(extra, len(r["sample_id"]))
         if skills is not None:
@@ -247,13 +293,17 @@ def teacher_step(p: Pipeline, rows: list[Row], data: Artifact, rollouts: Artifac
     reference = reference_policy(p.cfg, teacher)
     if reference is not None:
         inputs["reference"] = reference.key
+    routed = None
+    if p.cfg.teacher.teachers:  # MOPD: every named teacher's weights are inputs of the stage
+        routed = routed_teachers(p.cfg, base_policy(resolve_model_path(p.cfg.model)))
+        inputs.update({f"teacher:{name}": pol.key for name, pol in routed.items()})
 
     def run(ctx):
         if before_run:
             before_run()
         out = teacher_stage.run(p.cfg.teacher, rows, rollouts, teacher, ctx, extra_views=extra,
-                                exposure=exposure, scorer=_resolve(scorer),
-                                shards=shards, reference=reference)
+                                exposure=exposure, scorer=None if routed else _resolve(scorer),
+                                shards=shards, reference=reference, routed=routed)
         out["pi"] = pi_usage
         return out
 
@@ -261,6 +311,40 @@ def teacher_step(p: Pipeline, rows: list[Row], data: Artifact, rollouts: Artifac
     if pi_usage:
         p.say(f"stage {label}: privileged views used: "
               + ", ".join(f"{k}={v:.2f}" for k, v in sorted(pi_usage.items())))
+    return art
+
+
+def revise_step(p: Pipeline, rows: list[Row], rollouts: Artifact, policy: Policy, *,
+                label="revise", iteration: int = 0, skills: dict[str, str] | None = None,
+                engine=None, before_run=None) -> Artifact | None:
+    """SD-Zero's revisions of ``rollouts`` by ``policy`` (the current model) reading the teacher's
+    context with the run-time views the teacher stage gets (None when ``train.reviser`` is off).
+    Keyed by the rollouts, the reviser's weights, the context and sampling settings and the
+    reviser's own (``weight`` left out: it does not change the revisions)."""
+    cfg = p.cfg
+    if not cfg.train.reviser.enabled:
+        return None
+    r = read_table(rollouts.path, columns=["sample_id", "row_id", "task", "text", "passed",
+                                           "reward", "feedback"]).to_pydict()
+    extra = dynamic_views(r, cfg.teacher.context, skills, cfg.summarise.group_by)
+    roll = config_for_key(cfg.rollout)
+    key = {"reviser": {k: v for k, v in config_for_key(cfg.train.reviser).items() if k != "weight"},
+           "sampling": {k: roll[k] for k in ("temperature", "top_p", "max_new_tokens", "seed",
+                                              "dtype")},
+           "context": config_for_key(cfg.teacher.context), "views": views_key(extra),
+           "iteration": iteration}
+
+    def run(ctx):
+        if before_run:
+            before_run()
+        return revise_stage.run(cfg.train.reviser, cfg.rollout, cfg.teacher, rows, rollouts, policy,
+                                ctx, iteration=iteration, extra_views=extra, engine=_resolve(engine))
+
+    art = p.stage(label, "revise", key, {"rollouts": rollouts.key, "policy": policy.key}, run)
+    m = art.manifest
+    p.say(f"stage {label}: {m['passing']}/{m['revisions']} revisions of {m['revised']}/"
+          f"{m['attempts']} attempts ({m['revise']}) pass: {m['trainable_tokens']} tokens for "
+          "the reviser")
     return art
 
 
@@ -299,19 +383,24 @@ def train_step(p: Pipeline, rollouts: Artifact, targets: Artifact, init: Policy,
 
 
 def online_train_step(p: Pipeline, loop, rollouts: Artifact, targets: Artifact, init: Policy,
-                      iteration: int) -> tuple[Artifact, Policy]:
+                      iteration: int, revisions: Artifact | None = None) -> tuple[Artifact, Policy]:
     """One online iteration's train stage: the resident student (``loop``: an
-    :class:`opsd.flows.online_loop.OnlineLoop`) trains on this iteration's rollouts and targets.
+    :class:`opsd.flows.online_loop.OnlineLoop`) trains on this iteration's rollouts and targets
+    (and, SD-Zero, the reviser on its passing ``revisions``).
     Its key chains on ``init`` (the previous iteration's train key), so a rerun finds completed
     iterations; their weights are caught up lazily when a later stage needs the student."""
     cfg = config_for_key(p.cfg.train)
     cfg.update({"online": config_for_key(p.cfg.online), "iteration": iteration,
                 # the LR schedule's length matters only for decaying schedules
                 "plan_steps": loop.plan_steps if p.cfg.train.schedule != "constant" else None})
-    art = p.stage(f"train/{iteration:03d}", "train", cfg,
-                  {"rollouts": rollouts.key, "targets": targets.key, "init": init.key},
-                  lambda ctx: loop.train_iteration(rollouts, targets, iteration, ctx))
-    loop.record(art.key, rollouts, targets, iteration, trained_here=p.computed(art))
+    inputs = {"rollouts": rollouts.key, "targets": targets.key, "init": init.key}
+    if revisions is not None:
+        inputs["revisions"] = revisions.key
+    art = p.stage(f"train/{iteration:03d}", "train", cfg, inputs,
+                  lambda ctx: loop.train_iteration(rollouts, targets, iteration, ctx,
+                                                   revisions=revisions))
+    loop.record(art.key, rollouts, targets, iteration, trained_here=p.computed(art),
+                revisions=revisions)
     return art, Policy(art.key, loop.base.path, f"iter-{iteration}")  # weights live in memory
 
 

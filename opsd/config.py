@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from opsd import teachers as teacher_kinds
+from opsd import routing
 from opsd.context import consensus as consensus_rules
 from opsd.device import DEVICE_PATTERN, auto_dtype, resolve_device
 from opsd.objectives import registry as objective_registry
@@ -84,7 +85,7 @@ class DataConfig(_Strict):
 
 
 KNOWN_VIEWS = ("system", "demonstrations", "sibling", "solution", "answer", "skills", "feedback",
-               "attempt")
+               "attempt", "confidence")
 
 
 class ExposureConfig(_Strict):
@@ -150,6 +151,11 @@ class ContextConfig(_Strict):
         "Write a reply that is correct.",
         description="Template for 'attempt' (reviser); {attempt}, {verdict}, {reward}.",
     )
+    confidence_template: str = Field(
+        "The empirical confidence for this question is {confidence}. Output this exact value.",
+        description="Template for 'confidence' (CaOPD's teacher note, arXiv:2604.16830): "
+        "{confidence} is the pass rate of the prompt's rollouts (confidence.decimals digits).",
+    )
     sibling_as: Literal["turn", "text"] = Field(
         "turn", description="Render a successful sibling as an earlier exchange or as text."
     )
@@ -182,7 +188,10 @@ class ContextConfig(_Strict):
 
     def irrelevant(self) -> set[str]:
         # consensus_tau was added after content keys existed: out of the key unless it is used
-        return set() if self.consensus == "gated_residual" else {"consensus_tau"}
+        out = set() if self.consensus == "gated_residual" else {"consensus_tau"}
+        if "confidence" not in {*self.views, *(v for vs in self.consensus_views for v in vs)}:
+            out.add("confidence_template")  # likewise: only a context showing the view uses it
+        return out
 
     @model_validator(mode="after")
     def _consensus_ok(self) -> "ContextConfig":
@@ -309,6 +318,52 @@ class VLLMEngineConfig(_Strict):
         return self
 
 
+class BRTSConfig(_Strict):
+    """BRTS (Zhang et al. 2026, arXiv:2605.09725): best-of-N teacher replies as extra training
+    samples (the paper's teacher-context branch; selection in :mod:`opsd.selection`).
+
+    Per prompt the teacher (the model reading its privileged context) samples ``n`` replies; the
+    verifier ranks them correct first, ties broken by the student's mean per-token
+    log-likelihood of the reply (the most student-likely is the least off-policy). When none
+    passes, the recovery step samples ``recovery_tries`` replies from the teacher also shown the
+    ground truth (``recovery_views``) and keeps the most student-likely passing one; failing
+    that, ``fallback``. The chosen reply is stored as one more sample of its prompt (sample
+    index ``rollout.n``, the teacher's behaviour log-probs), the choice and its reasons in the
+    rollout artifact's ``selection-*.parquet``; ``train.weighting.teacher_reply`` is the paper's
+    coefficient of its loss.
+    """
+
+    n: int = Field(
+        0, ge=0, le=64,
+        description="Teacher replies sampled per prompt (tier 1 of the selection); 0: BRTS off.")
+    recovery_tries: int = Field(
+        1, ge=0, le=64,
+        description="Recovery step (tier 2): replies sampled, for a prompt none of whose n teacher "
+        "replies passes, from the teacher whose context also holds recovery_views (the ground "
+        "truth); only passing ones are kept. 0: no recovery step.")
+    recovery_views: list[str] = Field(
+        default_factory=lambda: ["solution", "answer"],
+        description="Views added to teacher.context.views for the recovery prompt (those a row "
+        "has); a row with none of them has nothing to recover with and skips tier 2.")
+    fallback: Literal["most_likely", "skip"] = Field(
+        "most_likely",
+        description="Tier 3, no passing reply at all: most_likely keeps the tier-1 reply the "
+        "student finds most likely (no correctness guarantee; the paper's default); skip stores "
+        "no teacher reply for the prompt.")
+    temperature: float = Field(
+        0.7, ge=0.0, le=10.0, description="Sampling temperature of the teacher's replies (the "
+        "paper's 0.7); 0 is greedy.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus mass of the teacher's replies.")
+
+    @field_validator("recovery_views")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [x for x in v if x not in KNOWN_VIEWS]
+        if bad:
+            raise ValueError(f"unknown view(s) {bad}; known views: {', '.join(KNOWN_VIEWS)}")
+        return v
+
+
 class RolloutConfig(_Strict):
     backend: Literal["hf", "vllm"] = Field("hf", description="Generation engine.")
     n: int = Field(2, ge=1, le=256, description="Samples per prompt (group size).")
@@ -345,16 +400,21 @@ class RolloutConfig(_Strict):
         "positions are the hinted sampler's), so GRPO's group has a reward-positive sample. "
         "0: off. hf backend.",
     )
+    brts: BRTSConfig = Field(
+        default_factory=BRTSConfig,
+        description="BRTS best-of-N teacher replies as extra samples (brts.n > 0; hf backend).",
+    )
 
     def needs_teacher(self) -> bool:
         """Whether sampling reads the teacher and its privileged context (guidance, sampling from
         the teacher, KEPO's hinted rescue)."""
-        return self.guidance.enabled or self.sample_from == "teacher" or self.rescue_tries > 0
+        return (self.guidance.enabled or self.sample_from == "teacher" or self.rescue_tries > 0
+                or self.brts.n > 0)
 
     def needs_teacher_model(self) -> bool:
         """Whether the teacher's resident model decodes beside the student's engine (guidance)
         or after it (KEPO's hinted rescue); sample_from=teacher uses a teacher engine instead."""
-        return self.guidance.enabled or self.rescue_tries > 0
+        return self.guidance.enabled or self.rescue_tries > 0 or self.brts.n > 0
 
     def irrelevant(self) -> set[str]:
         out = set()
@@ -366,7 +426,41 @@ class RolloutConfig(_Strict):
             out.add("sample_from")  # the default: keys of recipes older than the field stay
         if not self.rescue_tries:
             out.add("rescue_tries")
+        if not self.brts.n:
+            out.add("brts")  # off: keys of recipes older than the field stay
         return out
+
+
+class NamedTeacher(_Strict):
+    """One teacher of a multi-teacher run (MOPD, arXiv:2606.30406): a model, or the student's
+    own initial weights (``model: null``, 'self'), each with the privileged views it reads."""
+
+    name: str = Field(..., min_length=1, description="The name routes and reports use.")
+    model: ModelConfig | None = Field(
+        None, description="The teacher's weights (same tokenizer as the student). None: 'self', "
+        "the student's initial weights.")
+    views: list[str] | None = Field(
+        None, description="PI views this teacher reads (teacher.context's templates); None: "
+        "teacher.context.views. [] : no privileged context (a plain domain expert).")
+
+    @field_validator("views")
+    @classmethod
+    def _known(cls, v: list[str] | None) -> list[str] | None:
+        bad = [x for x in v or [] if x not in KNOWN_VIEWS]
+        if bad:
+            raise ValueError(f"unknown view(s) {bad}; known views: {', '.join(KNOWN_VIEWS)}")
+        return v
+
+
+class RouteConfig(_Strict):
+    """Which named teacher scores a row (opsd.routing): ``map[field(row)]``, else ``default``."""
+
+    by: Literal[routing.FIELDS] = Field(  # type: ignore[valid-type]
+        "task", description="Row field routed on: task, or data_source (row.metadata, verl's name).")
+    map: dict[str, str] = Field(
+        default_factory=dict, description="Field value -> teacher name.")
+    default: str | None = Field(
+        None, description="Teacher of rows whose value is not in map (None: the first teacher).")
 
 
 class TeacherConfig(_Strict):
@@ -401,12 +495,61 @@ class TeacherConfig(_Strict):
         "teacher stage (reference.parquet). The paper's choice for strong-to-weak distillation is "
         "the teacher's pre-RL base model. None: pRef is the behaviour policy.",
     )
+    negative_view: Literal["solution", "answer"] | None = Field(
+        None,
+        description="CEPO's wrong-answer teacher (Heakl et al. 2026, arXiv:2605.19436): score every "
+        "sample a second time with this view's value (the ground truth, in teacher.context.views) "
+        "replaced by the reply of a rejected (failing) sibling of the same prompt - the worst by "
+        "reward, never the sample itself - into negative.parquet (negative log-probs and the "
+        "contrast log pT+ - log pT-); a sample without one is scored with its own context "
+        "(contrast 0). Read by train.rewards.credit=cepo. None: no second pass.",
+    )
+    teachers: list[NamedTeacher] = Field(
+        default_factory=list, description="MOPD (Ma et al. 2026, arXiv:2606.30406): several named "
+        "teachers, each row scored by the one teacher.route picks (offline, frozen teachers). "
+        "Empty: the one teacher of teacher.kind/teacher.model.")
+    route: RouteConfig = Field(default_factory=RouteConfig,
+                               description="MOPD: which named teacher scores each row.")
 
     def irrelevant(self) -> set[str]:
         out = set() if self.backend == "vllm" else {"vllm"}
         if self.reference is None:
             out.add("reference")  # keys of recipes older than the field stay
+        if self.negative_view is None:
+            out.add("negative_view")  # keys of recipes older than the field stay
+        if not self.teachers:
+            out |= {"teachers", "route"}  # keys of single-teacher recipes stay
         return out
+
+    def default_teacher(self) -> str | None:
+        """MOPD: the teacher of rows the route table does not name (None without teachers)."""
+        if not self.teachers:
+            return None
+        return self.route.default or self.teachers[0].name
+
+    @model_validator(mode="after")
+    def _teachers_ok(self) -> "TeacherConfig":
+        if not self.teachers:
+            if self.route.map or self.route.default:
+                raise ValueError("teacher.route needs teacher.teachers (the named teachers it picks)")
+            return self
+        names = [t.name for t in self.teachers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher.teachers: duplicate names in {names}")
+        unknown = sorted({n for n in [*self.route.map.values(), self.route.default] if n}
+                         - set(names))
+        if unknown:
+            raise ValueError(f"teacher.route names unknown teacher(s) {unknown}; teachers: {names}")
+        if self.model is not None or self.kind != "frozen":
+            raise ValueError("teacher.teachers replaces teacher.model/teacher.kind: leave them unset "
+                             "(each named teacher is frozen: a model, or 'self' with model: null)")
+        if self.context.consensus != "none":
+            raise ValueError("teacher.teachers with teacher.context.consensus is not supported: "
+                             "a row is scored by one routed teacher")
+        if self.negative_view is not None:
+            raise ValueError("teacher.teachers with teacher.negative_view is not supported: CEPO's "
+                             "second pass scores with one teacher, not the routed ones")
+        return self
 
 
 # The objectives and what each needs live in one place: opsd.objectives.registry.
@@ -497,6 +640,16 @@ class WeightingConfig(_Strict):
         "teacher's entropy (top-k + tail bucket from the cache, exact with a live teacher).",
     )
     entropy_tau: float = Field(1.0, gt=0.0, le=100.0, description="Temperature of entropy weights (nats).")
+    teacher_reply: float = Field(
+        1.0, ge=0.0, le=100.0,
+        description="Weight of the distillation term on samples the teacher wrote (BRTS's chosen "
+        "replies, rollout.brts): the paper's L = L_student-context + lambda L_teacher-context "
+        "(lambda 0.05 in arXiv:2605.09725). Student samples keep weight 1.",
+    )
+
+    def irrelevant(self) -> set[str]:
+        # added after content keys existed: out of the key at its default
+        return {"teacher_reply"} if self.teacher_reply == 1.0 else set()
 
 
 class SelectionConfig(_Strict):
@@ -546,6 +699,27 @@ class RewardConfig(_Strict):
         "for many steps it can push the student's own replies down without limit. Replaces "
         "importance_ratio_clip for the reward term.",
     )
+    credit: Literal["none", "cepo"] = Field(
+        "none",
+        description="Token-level credit inside the reward term. cepo (Heakl et al. 2026, "
+        "arXiv:2605.19436): A_t = A_i [(1 - lam) + lam clip(exp(sign(A_i) c_t), 1 - cepo_clip, "
+        "1 + cepo_clip)], c_t = log pT+(y_t) - log pT-(y_t) the contrast between the teacher with "
+        "the ground truth and the teacher with a rejected sibling's reply (teacher.negative_view); "
+        "lam falls linearly from cepo_lambda to 0 over cepo_decay_fraction of the steps.",
+    )
+    cepo_lambda: float = Field(0.5, ge=0.0, le=1.0, description="cepo: initial evidence weight lambda_0.")
+    cepo_decay_fraction: float | None = Field(
+        0.5, gt=0.0, le=1.0,
+        description="cepo: share of the planned steps over which lambda falls linearly to 0 (the "
+        "paper: 25 of 50 steps); None keeps lambda_0.")
+    cepo_clip: float = Field(
+        0.5, gt=0.0, lt=1.0, description="cepo: eps_w, the evidence weight is clipped to "
+        "[1 - eps_w, 1 + eps_w].")
+
+    def irrelevant(self) -> set[str]:
+        # added after content keys existed: out of the key unless CEPO is on
+        return set() if self.credit == "cepo" else {
+            "credit", "cepo_lambda", "cepo_decay_fraction", "cepo_clip"}
 
 
 class TraceConfig(_Strict):
@@ -572,6 +746,31 @@ class TraceConfig(_Strict):
     )
 
 
+class ReviserConfig(_Strict):
+    """SD-Zero's reviser training (He et al. 2026, arXiv:2604.12002), online mode: every iteration
+    the current model, reading the teacher's context (which holds the ``attempt`` view: its own
+    reply and the verdict), samples revisions of the iteration's attempts (the revise stage,
+    stages/revise.py); the verifier checks them and each optimiser step adds
+    ``weight · mean −log πθ(r_t | reviser context, r_<t)`` over the tokens of passing revisions."""
+
+    weight: float = Field(
+        0.0, ge=0.0, le=100.0,
+        description="Weight of the reviser NLL on passing revisions, added to the step's loss "
+        "(its own token mean, so the distillation term keeps its scale). 0: off (no revise stage).",
+    )
+    revise: Literal["failed", "all"] = Field(
+        "failed",
+        description="Which attempts are revised: failed (the paper's data collection by default) "
+        "or all (also passing ones, the paper's optional r=1 'rephrase' branch).",
+    )
+    n: int = Field(1, ge=1, le=64, description="Revisions sampled per revised attempt (sampled "
+                   "like the rollouts: rollout.temperature, top_p, max_new_tokens).")
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
+
+
 class TrainConfig(_Strict):
     objective: Literal[OBJECTIVES] = Field(  # type: ignore[valid-type]
         "forward_kl_topk",
@@ -586,6 +785,7 @@ class TrainConfig(_Strict):
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     rewards: RewardConfig = Field(default_factory=RewardConfig)
     trace: TraceConfig = Field(default_factory=TraceConfig)
+    reviser: ReviserConfig = Field(default_factory=ReviserConfig)
     epochs: int = Field(2, ge=1, le=1000, description="Passes over the cached targets.")
     steps: int | None = Field(
         None, ge=1, le=10_000_000,
@@ -699,7 +899,10 @@ class TrainConfig(_Strict):
     def irrelevant(self) -> set[str]:
         # a step budget makes epochs meaningless; without one the key is the one of recipes
         # older than the field
-        return {"epochs"} if self.steps is not None else {"steps"}
+        out = {"epochs"} if self.steps is not None else {"steps"}
+        if not self.reviser.enabled:
+            out.add("reviser")  # off: keys of recipes older than the section stay
+        return out
 
     @property
     def live_teacher(self) -> bool:
@@ -726,6 +929,10 @@ class TrainConfig(_Strict):
         if (self.divergence.topk_support == "student"
                 and not objective.topk_support):
             raise ValueError("divergence.topk_support=student applies to forward_kl_topk/reverse_kl_topk")
+        if r.credit == "cepo" and (r.rl_weight == 0 or r.routing == "scope" or self.trace.enabled):
+            raise ValueError("rewards.credit=cepo reweights the GRPO advantage per token: it needs "
+                             "rewards.rl_weight > 0 and neither routing=scope (an MLE weight, not an "
+                             "advantage) nor trace.enabled")
         return self
 
 
@@ -936,6 +1143,27 @@ class RunnerConfig(_Strict):
         return self
 
 
+class ConfidenceConfig(_Strict):
+    """CaOPD's confidence revision (Zhang et al. 2026, arXiv:2604.16830; opsd.calibration): the
+    confidence a rollout states is replaced by its prompt's empirical pass rate before the
+    teacher scores it and the student trains on it. Evaluation reports ECE / Brier of the
+    confidences greedy replies state (opsd.metrics). Show the teacher the same number with the
+    `confidence` view of teacher.context (its note)."""
+
+    revise: bool = Field(False, description="Revise every rollout's stated confidence (a "
+                         "'confidence' stage between rollout and teacher; offline mode).")
+    template: str = Field("Confidence: {confidence}",
+                          description="The statement appended to a revised reply.")
+    decimals: int = Field(2, ge=0, le=6, description="Digits of the stated pass rate (0.75).")
+
+    @field_validator("template")
+    @classmethod
+    def _has_slot(cls, v: str) -> str:
+        if "{confidence}" not in v:
+            raise ValueError("confidence.template must contain {confidence}")
+        return v
+
+
 class PipelineConfig(_Strict):
     name: str = Field("opsd", description="Recipe name, shown in MLflow and the catalog.")
     mode: Literal["offline", "online"] = Field(
@@ -951,6 +1179,7 @@ class PipelineConfig(_Strict):
     summarise: SummariseConfig = Field(default_factory=SummariseConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    confidence: ConfidenceConfig = Field(default_factory=ConfidenceConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     device: str = RunOnly(
         "auto",
@@ -1015,9 +1244,26 @@ class PipelineConfig(_Strict):
             raise ValueError("teacher.reference is G-OPD's pRef of train.advantage.reward_scale: it "
                              "needs train.objective=reverse_kl_sampled and reward_scale != 1 (at 1, "
                              "pRef cancels out of A_t)")
+        if self.confidence.revise and self.mode != "offline":
+            raise ValueError("confidence.revise (CaOPD) runs between the rollout and teacher stages of "
+                             "an offline run; online mode is not supported yet")
+        if self.teacher.teachers and (self.mode != "offline" or self.train.live_teacher):
+            raise ValueError("teacher.teachers (MOPD) routes rows to frozen teachers in the offline "
+                             "teacher stage: it needs mode: offline and a cached-target objective "
+                             "(not a live teacher such as train.objective=jsd)")
         if self.rollout.rescue_tries and self.rollout.backend != "hf":
             raise ValueError("rollout.rescue_tries needs rollout.backend=hf (the hinted sampler is "
                              "the teacher's resident model)")
+        if self.rollout.brts.n and self.rollout.backend != "hf":
+            raise ValueError("rollout.brts needs rollout.backend=hf (the teacher's resident model "
+                             "samples the candidates, the student's scores them)")
+        if self.train.rewards.credit == "cepo" and self.teacher.negative_view is None:
+            raise ValueError("train.rewards.credit=cepo needs the wrong-answer teacher pass: set "
+                             "teacher.negative_view (the ground-truth view a rejected reply replaces)")
+        nv = self.teacher.negative_view
+        if nv is not None and nv not in self.teacher.context.views:
+            raise ValueError(f"teacher.negative_view={nv} must be one of teacher.context.views "
+                             f"{self.teacher.context.views}: the negative pass replaces its value")
         kind = teacher_kinds.get(self.teacher.kind)
         if kind.online_only and self.mode != "online":
             raise ValueError(
@@ -1045,6 +1291,18 @@ class PipelineConfig(_Strict):
             if self.rollout.guidance.enabled:
                 raise ValueError("rollout.sample_from=teacher samples from the teacher already; "
                                  "disable rollout.guidance")
+        if self.train.reviser.enabled:
+            # the reviser is the current model sampling inside the online loop, reading the
+            # teacher's context: what it is trained on is what the teacher then scores with
+            if self.mode != "online":
+                raise ValueError("train.reviser (SD-Zero) revises each iteration's attempts with "
+                                 "the current model: mode: online")
+            if "attempt" not in self.teacher.context.views:
+                raise ValueError("train.reviser reads the teacher's context, which must show the "
+                                 "attempt and its verdict: add 'attempt' to teacher.context.views")
+            if self.teacher.context.consensus != "none":
+                raise ValueError("train.reviser with teacher.context.consensus is not supported "
+                                 "(one reviser context per attempt)")
         return self
 
 

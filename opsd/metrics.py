@@ -41,6 +41,12 @@ def stated_confidence(text: str) -> float | None:
     return value if 0.0 <= value <= 1.0 else None
 
 
+def confidence_spans(text: str) -> list[tuple[int, int]]:
+    """The character spans of every confidence statement :func:`stated_confidence` would read
+    (the same pattern, so what CaOPD's revision strips is what evaluation parses)."""
+    return [m.span() for m in _CONFIDENCE.finditer(text)]
+
+
 def brier(confidence: Sequence[float], correct: Sequence[bool]) -> float:
     return sum((c - float(y)) ** 2 for c, y in zip(confidence, correct)) / len(confidence)
 

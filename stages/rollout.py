@@ -7,10 +7,15 @@ stopped, and the verifier's verdict and feedback. Work is split into shards of
 stage resumes at the first missing shard and reproduces the same rows. Each missing
 shard is one job for a shard runner (stages/shards.py): in this process, or one
 Prefect task per shard on threads, processes or Ray (``runner.*``).
+
+With ``rollout.brts`` each shard also holds one teacher-written reply per prompt (BRTS's
+best-of-N choice, :func:`brts_replies`) and writes its selection records to
+``selection-NNNNN.parquet`` before the shard file itself.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -18,9 +23,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from opsd import selection as brts_selection
 from opsd.backends import make_generator
-from opsd.backends.hf import Guidance, HFGenerator, SamplingParams
-from opsd.config import ContextConfig, RolloutConfig
+from opsd.backends.hf import Guidance, HFGenerator, SamplingParams, sequence_logprobs
+from opsd.config import BRTSConfig, ContextConfig, RolloutConfig
 from opsd.context.render import build_context, student_ids, student_turn_ids, teacher_ids
 from opsd.data import verify
 from opsd.data.rows import Row
@@ -28,7 +34,8 @@ from opsd.pool import Policy
 from opsd.stages.common import StageContext, shard_seed
 from opsd.stages.shards import (InlineShards, ShardRunner, dispatch, free_masters, summary, worker_id,
                            worker_pool)
-from opsd.storage.parquet import ROLLOUTS, completed_shards, shard_name, write_table_atomic
+from opsd.storage.parquet import (ROLLOUTS, SELECTION, completed_shards, shard_name,
+                                  write_table_atomic)
 
 
 def sample_rows(
@@ -107,9 +114,103 @@ def write_shard(job: RolloutShard, tokenizer, engine, guide_model=None, progress
         gens, rescued = rescue(chunk, gens, contexts, hinted, tokenizer, params, cfg.rescue_tries)
     table = sample_rows(chunk, prompts, gens, tokenizer,
                         job.teacher.key if from_teacher else job.policy.key, job.iteration)
+    kept = []
+    if cfg.brts.n and guide_model is not None:
+        student_model = getattr(engine, "model", None)
+        if student_model is None:
+            raise ValueError("rollout.brts scores the teacher's replies with the student: it needs "
+                             "the hf backend")
+        recovery = [teacher_ids(tokenizer, r, build_context(r, job.context, views=_recovery_views(
+            job.context, cfg.brts)), student_turn_ids(tokenizer, r)) for r in chunk]
+        kept, records = brts_replies(
+            chunk, prompts, contexts, recovery, HFGenerator(guide_model, tokenizer, batch_size=cfg.batch_size),
+            student_model, tokenizer, params, cfg.brts, sample_index=cfg.n)
+        if kept:
+            table = pa.concat_tables([table, sample_rows(chunk, prompts, kept, tokenizer,
+                                                         job.teacher.key, job.iteration)])
+        # the selection first: the shard file is the commit marker a resumed stage looks for
+        write_table_atomic(pa.Table.from_pylist(records, schema=SELECTION),
+                           job.out_path.with_name(selection_name(job.shard)))
     write_table_atomic(table, job.out_path)
+    gens = gens + kept
     return {"shard": job.shard, "samples": len(gens), "tokens": sum(len(g.response_ids) for g in gens),
             "rescued": rescued, "worker": worker_id()}
+
+
+def selection_name(shard: int) -> str:
+    """BRTS's selection records of a rollout shard (beside ``part-NNNNN.parquet``)."""
+    return f"selection-{shard:05d}.parquet"
+
+
+def _recovery_views(context: ContextConfig, cfg: BRTSConfig) -> list[str]:
+    return list(context.views) + [v for v in cfg.recovery_views if v not in context.views]
+
+
+def brts_replies(rows: list[Row], prompts: list[list[int]], contexts: list[list[int]],
+                 recovery: list[list[int]], teacher, student_model, tokenizer,
+                 params: SamplingParams, cfg: BRTSConfig, *, sample_index: int
+                 ) -> tuple[list, list[dict]]:
+    """BRTS's best-of-N teacher replies (:mod:`opsd.selection`) for the prompts of one shard.
+
+    ``teacher`` (a generator over the teacher's prompts ``contexts``) samples ``cfg.n`` replies
+    per prompt; a prompt none of whose replies passes gets ``cfg.recovery_tries`` more from its
+    ``recovery`` prompt (the ground truth shown as well) — unless that prompt is the same as
+    ``contexts[p]`` (the row has no ground-truth view: nothing to recover with). Every candidate
+    is scored by ``student_model`` on the student's own prompt ``prompts[p]``. Returns the kept
+    replies as generations of sample index ``sample_index`` (the teacher's behaviour log-probs,
+    every position marked guided) and one selection record per prompt (schema ``SELECTION``).
+    """
+    from opsd.backends.hf import Generation
+
+    def passes(p, g):
+        return _passes(rows[p], g.response_ids, tokenizer)
+
+    tier1 = replace(params, n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
+                    seed=params.seed + 7919)  # streams of their own, apart from the student's
+    pool: list[list[tuple[int, object]]] = [[] for _ in rows]
+    for g in teacher.generate(contexts, tier1):
+        pool[g.prompt_index].append((1, g))
+    need = [p for p in range(len(rows)) if recovery[p] != contexts[p]
+            and not any(passes(p, g) for _, g in pool[p])]
+    if cfg.recovery_tries and need:
+        for h in teacher.generate([recovery[p] for p in need],
+                                  replace(tier1, n=cfg.recovery_tries, seed=params.seed + 15485863)):
+            pool[need[h.prompt_index]].append((2, h))
+    flat = [(p, g) for p in range(len(rows)) for _, g in pool[p]]
+    lps = sequence_logprobs(student_model, [prompts[p] for p, _ in flat],
+                            [g.response_ids for _, g in flat]) if flat else []
+    mean_lp = iter([float(lp.mean()) if lp.numel() else -math.inf for lp in lps])
+    kept, records = [], []
+    for p, row in enumerate(rows):
+        cands = [brts_selection.Candidate(tier, passes(p, g), next(mean_lp)) for tier, g in pool[p]]
+        choice = brts_selection.choose(cands, cfg.fallback)
+        if choice.index is not None:
+            g = pool[p][choice.index][1]
+            kept.append(Generation(p, sample_index, g.response_ids, g.logprobs, g.finish_reason,
+                                   list(range(len(g.response_ids)))))
+        records.append({
+            "row_id": row.id,
+            "sample_id": f"{row.id}#{sample_index}" if choice.index is not None else None,
+            "tier": choice.tier, "chosen": choice.index, "reason": choice.reason,
+            "candidates": [{"tier": c.tier, "passed": c.passed, "student_logp": c.student_logp,
+                            "n_tokens": len(g.response_ids),
+                            "text": tokenizer.decode(g.response_ids, skip_special_tokens=True)}
+                           for c, (_, g) in zip(cands, pool[p])],
+        })
+    return kept, records
+
+
+def read_selection(folder: Path) -> list[dict]:
+    """Every BRTS selection record of a rollout artifact (empty when BRTS was off)."""
+    import pyarrow.parquet as pq
+
+    return [r for f in sorted(Path(folder).glob("selection-*.parquet"))
+            for r in pq.read_table(f).to_pylist()]
+
+
+def teacher_sample_ids(folder: Path) -> set[str]:
+    """Sample ids of the replies the teacher wrote (BRTS's kept replies) in a rollout artifact."""
+    return {r["sample_id"] for r in read_selection(folder) if r["sample_id"] is not None}
 
 
 def _passes(row: Row, response_ids, tokenizer) -> bool:
@@ -226,13 +327,24 @@ def run(
     out["shards"] = summary(runner, n_shards, results)
     if cfg.rescue_tries:
         out["rescued_this_attempt"] = sum(r.get("rescued", 0) for r in results)
+    if cfg.brts.n:
+        records = read_selection(ctx.out_dir)
+        tiers = [r["tier"] for r in records]
+        out["brts"] = {"prompts": len(records), "kept": sum(t > 0 for t in tiers),
+                       **{f"tier{t}": tiers.count(t) for t in (1, 2, 3)}, "none": tiers.count(0),
+                       "teacher_candidates": sum(len(r["candidates"]) for r in records)}
     return out
 
 
 def manifest_of(ctx: StageContext, seconds: float, tokens: int, generated: int) -> dict:
     from opsd.storage.parquet import read_table
 
-    t = read_table(ctx.out_dir, columns=["n_tokens", "passed", "finish_reason", "guided_positions"]).to_pydict()
+    t = read_table(ctx.out_dir, columns=["sample_id", "n_tokens", "passed", "finish_reason",
+                                         "guided_positions"]).to_pydict()
+    teacher_written = teacher_sample_ids(ctx.out_dir)
+    if teacher_written:  # BRTS's teacher replies: the stage's numbers stay the student's
+        keep = [i for i, s in enumerate(t["sample_id"]) if s not in teacher_written]
+        t = {k: [v[i] for i in keep] for k, v in t.items()}
     passed = [p for p in t["passed"] if p is not None]
     n = len(t["n_tokens"])
     return {

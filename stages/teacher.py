@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
+from opsd import routing
 from opsd.backends import make_scorer
 from opsd.config import TeacherConfig
 from opsd.context.render import build_context, check_length, student_ids, student_turn_ids, teacher_ids
@@ -28,8 +29,10 @@ from opsd.pool import Policy
 from opsd.stages.common import Artifact, StageContext, ids_hash
 from opsd.stages.shards import (InlineShards, ShardRunner, dispatch, free_masters, summary, worker_id,
                            worker_pool)
-from opsd.storage.parquet import (CONTEXTS, CONTEXTS_FILE, REFERENCE, REFERENCE_FILE, TEACHER,
-                                  completed_shards, read_table, shard_name, write_table_atomic)
+from opsd.storage.parquet import (CONTEXTS, CONTEXTS_FILE, REFERENCE, REFERENCE_FILE, ROUTED_TEACHER,
+                                  TEACHER, completed_shards, read_table, shard_name,
+                                  write_table_atomic)
+from opsd.storage.parquet import NEGATIVE, NEGATIVE_FILE
 
 
 class RolloutMismatch(ValueError):
@@ -84,6 +87,7 @@ class TeacherShard:
     rollout_key: str
     out_path: Path
     device: str = "cpu"  # the run's device: a worker loads the teacher there
+    teacher_name: str | None = None  # MOPD: the named teacher every row of this shard routed to
 
 
 def write_shard(job: TeacherShard, scorer, progress=None) -> dict:
@@ -98,7 +102,8 @@ def write_shard(job: TeacherShard, scorer, progress=None) -> dict:
     else:
         targets = scorer.score(job.contexts[0], responses, cfg.topk, progress=progress)
     contexts = job.contexts[0]
-    cols: dict[str, list] = {name: [] for name in TEACHER.names}
+    schema = TEACHER if job.teacher_name is None else ROUTED_TEACHER
+    cols: dict[str, list] = {name: [] for name in schema.names}
     for j, t in enumerate(targets):
         cols["sample_id"].append(job.sample_ids[j])
         cols["row_id"].append(job.row_ids[j])
@@ -113,7 +118,9 @@ def write_shard(job: TeacherShard, scorer, progress=None) -> dict:
         cols["views"].append(job.views[j])
         cols["teacher"].append(job.teacher.key)
         cols["rollout_key"].append(job.rollout_key)
-    write_table_atomic(pa.Table.from_pydict(cols, schema=TEACHER), job.out_path)
+        if job.teacher_name is not None:
+            cols["teacher_name"].append(job.teacher_name)
+    write_table_atomic(pa.Table.from_pydict(cols, schema=schema), job.out_path)
     return {"shard": job.shard, "samples": len(responses),
             "tokens": int(sum(len(r) for r in responses)), "worker": worker_id()}
 
@@ -141,49 +148,61 @@ def run(
     scorer=None,
     shards: ShardRunner | None = None,
     reference: Policy | None = None,
+    routed: dict[str, Policy] | None = None,
 ) -> dict:
     """Score every rollout; ``extra_views`` are run-time PI views per sample id
     (opsd.context.builders), ``exposure`` the solution reveal ratio of this pass; with
     ``reference`` (G-OPD's πRef, ``teacher.reference``) also that model's log-prob of every
-    sampled token on the student's own prompt, into ``reference.parquet``.
+    sampled token on the student's own prompt, into ``reference.parquet``. With ``routed`` (MOPD:
+    name → policy of ``cfg.teachers``) each row is scored by the teacher ``cfg.route`` picks, with
+    that teacher's views; its shards hold that teacher's rows only and name it (``teacher_name``).
 
     Teacher prompts are built here (cheap tokenisation, and the checks against the rows);
     every missing shard is then one job for ``shards`` (default: in this process). A remote
     runner is used only when no ``scorer`` is given and the backend is hf."""
-    tokenizer = ctx.pool.tokenizer(teacher)
     table = read_table(rollouts.path, columns=["sample_id", "row_id", "prompt_ids", "response_ids"])
     data = table.to_pydict()
     rows_by_id = {r.id: r for r in rows}
-    max_len = _max_len(ctx, teacher)
     consensus = cfg.context.consensus != "none"
     view_sets = cfg.context.consensus_views if consensus else [None]
-    per_view = [teacher_prompts(rows_by_id, data, cfg, tokenizer, max_len, extra_views, exposure, vs)
-                for vs in view_sets]
-    contexts, views = per_view[0]
-    if consensus:
-        views = ["|".join(pv[1][i] for pv in per_view) for i in range(len(views))]
     runner: ShardRunner = shards or InlineShards()
     n = len(data["sample_id"])
-    n_shards = (n + cfg.shard_size - 1) // cfg.shard_size
     done = completed_shards(ctx.out_dir)
-    jobs = []
-    for shard in range(n_shards):
-        if shard in done:
-            continue
-        lo, hi = shard * cfg.shard_size, min(n, (shard + 1) * cfg.shard_size)
-        jobs.append(TeacherShard(
-            cfg, teacher, shard, data["sample_id"][lo:hi], data["row_id"][lo:hi],
-            [pv[0][lo:hi] for pv in per_view], data["response_ids"][lo:hi], views[lo:hi],
-            rollouts.key, ctx.out_dir / shard_name(shard), str(ctx.pool.device)))
+    jobs, contexts, views, n_shards = [], [], [], 0
+    # one group of samples per teacher (a single group without routing); shards are numbered
+    # through the groups in order, so without routing they are the rollouts' consecutive chunks
+    groups = _route(cfg, rows_by_id, data, teacher, routed)
+    for name, policy, tcfg, idx in groups:
+        sub = {k: [v[i] for i in idx] for k, v in data.items()}
+        max_len = _max_len(ctx, policy)
+        per_view = [teacher_prompts(rows_by_id, sub, tcfg, ctx.pool.tokenizer(policy), max_len,
+                                    extra_views, exposure, vs) for vs in view_sets]
+        g_contexts, g_views = per_view[0]
+        if consensus:
+            g_views = ["|".join(pv[1][i] for pv in per_view) for i in range(len(g_views))]
+        contexts += g_contexts
+        views += g_views
+        for lo in range(0, len(idx), cfg.shard_size):
+            shard, hi = n_shards, min(len(idx), lo + cfg.shard_size)
+            n_shards += 1
+            if shard in done:
+                continue
+            jobs.append(TeacherShard(
+                tcfg, policy, shard, sub["sample_id"][lo:hi], sub["row_id"][lo:hi],
+                [pv[0][lo:hi] for pv in per_view], sub["response_ids"][lo:hi], g_views[lo:hi],
+                rollouts.key, ctx.out_dir / shard_name(shard), str(ctx.pool.device),
+                teacher_name=name))
     names = [f"teacher shard {j.shard + 1}/{n_shards}" for j in jobs]
     t0 = time.perf_counter()
     bar = ctx.progress(n, f"teacher ({teacher.label or 'teacher'})", "sample")
     bar.update(n - sum(len(j.responses) for j in jobs))
-    local_scorer = []
+    local_scorer: dict[str, object] = {}  # policy key → its scorer: each teacher loaded once
 
     def local():
-        local_scorer.append(scorer or make_scorer(cfg, ctx.pool, teacher))
-        return partial(write_shard, scorer=local_scorer[0], progress=bar.update)
+        for j in jobs:
+            if j.teacher.key not in local_scorer:
+                local_scorer[j.teacher.key] = scorer or make_scorer(cfg, ctx.pool, j.teacher)
+        return lambda job: write_shard(job, local_scorer[job.teacher.key], progress=bar.update)
 
     runner, results = dispatch(runner, jobs, names, remote_fn=run_shard, local_fn=local,
                                resident=scorer is not None or cfg.backend != "hf",
@@ -193,11 +212,17 @@ def run(
         for r in results:
             for k, v in r.get("scorer", {}).items():
                 stats[k] = stats.get(k, 0) + v
-    elif local_scorer:
-        stats = dict(getattr(local_scorer[0], "stats", {}) or {})
+    else:
+        for one in local_scorer.values():
+            for k, v in (getattr(one, "stats", {}) or {}).items():
+                stats[k] = stats.get(k, 0) + v
     bar.close()
     write_contexts(contexts, ctx.out_dir / CONTEXTS_FILE)
     ref_seconds = write_reference(cfg, ctx, reference, data) if reference is not None else None
+    negative = None
+    if cfg.negative_view is not None:  # CEPO's wrong-answer teacher, a second pass
+        negative = write_negative(cfg, ctx, teacher, rows_by_id, rollouts, extra_views, exposure,
+                                  scorer or next(iter(local_scorer.values()), None))
     seconds = time.perf_counter() - t0
     scored_tokens = sum(r["tokens"] for r in results)
     view_counts: dict[str, int] = {}
@@ -217,7 +242,99 @@ def run(
         "shards": summary(runner, n_shards, results),
         **({"reference": reference.key, "reference_seconds_this_attempt": ref_seconds}
            if reference is not None else {}),
+        **({"negative": negative} if negative is not None else {}),
+        **({"route_by": cfg.route.by,
+            "teachers": {name: {"key": pol.key, "samples": len(idx)}
+                         for name, pol, _, idx in groups}} if routed else {}),
     }
+
+
+def _route(cfg: TeacherConfig, rows_by_id: dict[str, Row], data: dict, teacher: Policy,
+           routed: dict[str, Policy] | None) -> list[tuple[str | None, Policy, TeacherConfig, list[int]]]:
+    """(name, policy, config with its views, sample indices) per teacher: one unnamed group of
+    every sample without routing; with it (MOPD) every named teacher, in config order."""
+    if not routed:
+        return [(None, teacher, cfg, list(range(len(data["sample_id"]))))]
+    default = cfg.default_teacher()
+    names = []
+    for rid in data["row_id"]:
+        if rid not in rows_by_id:
+            raise RolloutMismatch(f"rollout row {rid!r} is not in the dataset artifact")
+        names.append(routing.route(rows_by_id[rid], cfg.route.by, cfg.route.map, default))
+    out = []
+    for t in cfg.teachers:
+        tcfg = cfg if t.views is None else cfg.model_copy(
+            update={"context": cfg.context.model_copy(update={"views": list(t.views)})})
+        out.append((t.name, routed[t.name], tcfg, [i for i, nm in enumerate(names) if nm == t.name]))
+    return out
+
+
+def write_negative(cfg: TeacherConfig, ctx: StageContext, teacher: Policy, rows_by_id: dict,
+                   rollouts: Artifact, extra_views: dict[str, dict] | None, exposure: float | None,
+                   scorer=None) -> dict:
+    """CEPO's wrong-answer teacher pass (Heakl et al. 2026, arXiv:2605.19436), into
+    ``negative.parquet``: every sample with a rejected sibling (:func:`rejected_siblings`) is
+    scored again with that sibling's reply in place of ``cfg.negative_view``'s value (the
+    ground truth) in its otherwise unchanged context, giving ``log pT-(y_t)`` and the contrast
+    ``c_t = log pT+(y_t) - log pT-(y_t)`` against the first pass's sampled log-probs. A sample
+    without one keeps ``pT- = pT+`` (contrast 0: GRPO's uniform credit, as the reference code
+    does for a group without a rejected reply). One file, written atomically; a rerun with the
+    file present reuses it. Returns the manifest's summary."""
+    path = ctx.out_dir / NEGATIVE_FILE
+    if not path.exists():
+        r = read_table(rollouts.path, columns=["sample_id", "row_id", "prompt_ids", "response_ids",
+                                               "passed", "reward", "text"]).to_pydict()
+        rejected = rejected_siblings(r)
+        todo = [i for i, sid in enumerate(r["sample_id"]) if rejected[sid] is not None]
+        views = {sid: dict((extra_views or {}).get(sid) or {}) for sid in r["sample_id"]}
+        for i in todo:
+            sid = r["sample_id"][i]
+            views[sid][cfg.negative_view] = rejected[sid][1]
+        scored = {}
+        if todo:
+            sub = {k: [v[i] for i in todo] for k, v in r.items()}
+            contexts, _ = teacher_prompts(rows_by_id, sub, cfg, ctx.pool.tokenizer(teacher),
+                                          _max_len(ctx, teacher), views, exposure)
+            scorer = scorer or make_scorer(cfg, ctx.pool, teacher)
+            scored = dict(zip(sub["sample_id"], scorer.score(contexts, sub["response_ids"], 1)))
+        pos = read_table(ctx.out_dir, columns=["sample_id", "sampled_logprobs"]).to_pydict()
+        pos = dict(zip(pos["sample_id"], pos["sampled_logprobs"]))
+        cols: dict[str, list] = {name: [] for name in NEGATIVE.names}
+        for sid in r["sample_id"]:
+            plus = np.asarray(pos[sid], dtype=np.float32)
+            minus = scored[sid].sampled_logprob_R.numpy() if sid in scored else plus
+            cols["sample_id"].append(sid)
+            cols["rejected_from"].append(rejected[sid][0] if rejected[sid] else None)
+            cols["negative_logprobs"].append(minus.tolist())
+            cols["contrast"].append((plus - minus).tolist())
+        write_table_atomic(pa.Table.from_pydict(cols, schema=NEGATIVE), path)
+    t = read_table(path, columns=["rejected_from", "contrast"]).to_pydict()
+    c = np.concatenate([np.asarray(x, dtype=np.float64) for x in t["contrast"]] or [np.zeros(0)])
+    return {"view": cfg.negative_view,
+            "with_rejected": sum(x is not None for x in t["rejected_from"]) / max(1, len(t["contrast"])),
+            "contrast_mean": float(c.mean()) if c.size else 0.0,
+            "contrast_abs_mean": float(np.abs(c).mean()) if c.size else 0.0}
+
+
+def rejected_siblings(rollouts: dict) -> dict[str, tuple[str, str] | None]:
+    """sample_id → (sibling sample_id, its reply text) of the sample's wrong-answer reference:
+    the failing reply of the same prompt with the lowest reward (the reference code's "worst
+    rejected rollout"; ties → the earlier sample), never the sample itself; None when the prompt
+    has no other failing reply."""
+    by_row: dict[str, list[int]] = {}
+    for i, rid in enumerate(rollouts["row_id"]):
+        by_row.setdefault(rid, []).append(i)
+    out: dict[str, tuple[str, str] | None] = {}
+    for i, sid in enumerate(rollouts["sample_id"]):
+        failing = [j for j in by_row[rollouts["row_id"][i]]
+                   if j != i and rollouts["passed"][j] is False]
+        if not failing:
+            out[sid] = None
+            continue
+        j = min(failing, key=lambda k: (rollouts["reward"][k] if rollouts["reward"][k] is not None
+                                        else 0.0, k))
+        out[sid] = (rollouts["sample_id"][j], rollouts["text"][j])
+    return out
 
 
 def write_reference(cfg: TeacherConfig, ctx: StageContext, reference: Policy, data: dict) -> float:

@@ -28,6 +28,9 @@ from opsd.training.batches import Example
 from opsd.training.trainer import NumericalError, Trainer, plan_batches
 from opsd.training.state import has_resume_point, load_resume_point, save_resume_point
 from opsd.stages.common import Artifact, StageContext, ids_hash
+from opsd.stages import revise as revise_stage
+from opsd.stages.rollout import teacher_sample_ids
+from opsd.storage.parquet import NEGATIVE_FILE
 from opsd.storage.parquet import (CONTEXTS_FILE, REFERENCE_FILE, TRAIN_METRICS, read_table,
                                   write_table_atomic)
 
@@ -65,6 +68,8 @@ def load_examples(rollouts: Artifact, targets: Artifact, cfg: TrainConfig | None
     if cfg is not None and cfg.live_teacher:
         contexts = read_contexts(targets)
     reference = read_reference(targets)
+    negative = read_negative(targets) if cfg is not None and cfg.rewards.credit == "cepo" else None
+    teacher_written = teacher_sample_ids(rollouts.path)  # BRTS's kept teacher replies
     examples = []
     for i, sid in enumerate(r["sample_id"]):
         j = index[sid]
@@ -101,6 +106,10 @@ def load_examples(rollouts: Artifact, targets: Artifact, cfg: TrainConfig | None
                 passed=r["passed"][i],
                 teacher_context_ids=ctx_ids,
                 reference_logp=_reference_of(reference, sid, len(resp), targets),
+                negative_logp=_negative_of(negative, sid, len(resp), targets),
+                sample_weight=(cfg.weighting.teacher_reply if cfg is not None else 1.0)
+                if sid in teacher_written else 1.0,
+                teacher_written=sid in teacher_written,
             )
         )
     attach_group_stats(examples, cfg if cfg is not None else TrainConfig())
@@ -130,6 +139,26 @@ def _reference_of(reference, sid: str, n: int, targets: Artifact) -> np.ndarray 
     return np.asarray(lp, dtype=np.float32)
 
 
+def read_negative(targets: Artifact) -> dict[str, list[float]]:
+    """sample_id → CEPO's wrong-answer teacher log-probs (``negative.parquet``)."""
+    f = targets.path / NEGATIVE_FILE
+    if not f.exists():
+        raise TargetMismatch(f"{targets.path} has no {NEGATIVE_FILE}, which rewards.credit=cepo "
+                             "needs: set teacher.negative_view and rerun the teacher stage")
+    c = read_table(f, columns=["sample_id", "negative_logprobs"]).to_pydict()
+    return dict(zip(c["sample_id"], c["negative_logprobs"]))
+
+
+def _negative_of(negative, sid: str, n: int, targets: Artifact) -> np.ndarray | None:
+    if negative is None:
+        return None
+    lp = negative.get(sid)
+    if lp is None or len(lp) != n:
+        raise TargetMismatch(f"{targets.path}/{NEGATIVE_FILE} has no negative log-probs of the "
+                             f"{n} tokens of {sid}; rerun the teacher stage")
+    return np.asarray(lp, dtype=np.float32)
+
+
 def read_contexts(targets: Artifact) -> dict[str, list[int]]:
     """context_hash → teacher prompt ids, from the teacher artifact's ``contexts.parquet``."""
     f = targets.path / CONTEXTS_FILE
@@ -146,7 +175,9 @@ def attach_group_stats(examples: list[Example], cfg: TrainConfig) -> None:
     """GRPO advantages and SCOPE weights, over all samples of the artifact (group = row)."""
     if not examples:
         return
-    groups = [e.group for e in examples]
+    # a reply the teacher wrote (BRTS) is no member of the student's group: a group of its own
+    groups = [e.group if not e.teacher_written else f"{e.group}#teacher:{e.sample_id}"
+              for e in examples]
     adv = mixing.group_advantages([e.reward for e in examples], groups, cfg.rewards.advantage_eps)
     ppl_t = [mixing.sequence_log_ppl(e.teacher_logp) for e in examples]
     ppl_s = [mixing.sequence_log_ppl(e.behaviour_logp) for e in examples]  # the sampling student
@@ -391,7 +422,8 @@ def train_local(cfg: TrainConfig, rollouts: Artifact, targets: Artifact, init: P
 
 
 def online_steps(trainer: Trainer, cfg: TrainConfig, rollouts: Artifact, targets: Artifact,
-                 iteration: int, steps: int, *, rows: list | None = None, tokenizer=None) -> list[dict]:
+                 iteration: int, steps: int, *, rows: list | None = None, tokenizer=None,
+                 revisions: Artifact | None = None) -> list[dict]:
     """The optimiser steps of one online iteration on that iteration's samples (a resident
     ``trainer``: its model, AdamW state and schedule carry over between iterations).
 
@@ -400,16 +432,25 @@ def online_steps(trainer: Trainer, cfg: TrainConfig, rollouts: Artifact, targets
     examples are loaded with ``cfg`` like offline ones: GRPO advantages (``advantage_eps``),
     SCOPE weights (``scope_tau``), the teacher's context ids for live-teacher objectives and
     TRACE spans (``rows``, ``tokenizer``).
+
+    ``revisions`` (SD-Zero, ``train.reviser``): the iteration's revise artifact; step ``s`` also
+    fits the reviser on up to ``B`` of its passing revisions, drawn the same way from a
+    permutation of their own.
     """
     examples = load_examples(rollouts, targets, cfg, rows=rows, tokenizer=tokenizer)
     if not examples:
         raise TargetMismatch(f"no trainable examples in {rollouts.path}")
     order = np.random.default_rng([cfg.seed, iteration]).permutation(len(examples))
+    revised = (revise_stage.revision_examples(revisions)
+               if revisions is not None and cfg.reviser.enabled else [])
+    rev_order = np.random.default_rng([cfg.seed, iteration, 1]).permutation(len(revised))
     bs = cfg.batch_size
     stats = []
     for s in range(steps):
         idx = [order[(s * bs + j) % len(order)] for j in range(min(bs, len(order)))]
-        st = trainer.step([examples[j] for j in idx], epoch=iteration).as_dict()
+        ridx = [rev_order[(s * bs + j) % len(revised)] for j in range(min(bs, len(revised)))]
+        st = trainer.step([examples[j] for j in idx], epoch=iteration,
+                          revisions=[revised[j] for j in ridx]).as_dict()
         st["iteration"] = iteration
         stats.append(st)
     return stats
@@ -423,12 +464,18 @@ def online_manifest(stats: list[dict], cfg: TrainConfig, iteration: int, seconds
             ctx.on_metrics({k: v for k, v in st.items() if k != "step"}, st["step"])
     write_history(stats, ctx.out_dir / "metrics.parquet")
     tokens = sum(s["tokens"] for s in stats)
-    return {
+    out = {
         "iteration": iteration, "steps": len(stats), "tokens_trained": tokens, "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds else None, "final_loss": stats[-1]["loss"],
         "final_kl": stats[-1]["kl"], "objective": cfg.objective, "live_teacher": cfg.live_teacher,
         "activation_checkpointing": trainer.checkpointing.summary() if trainer else None,
     }
+    if cfg.reviser.enabled:  # SD-Zero: the reviser term over the steps that had revisions
+        rev = [(s["reviser_loss"], s["reviser_tokens"]) for s in stats if s.get("reviser_tokens")]
+        n_rev = sum(n for _, n in rev)
+        out["reviser_tokens"] = n_rev
+        out["reviser_loss"] = sum(v * n for v, n in rev) / n_rev if n_rev else None
+    return out
 
 
 def write_history(history: list[dict], path: Path) -> None:

@@ -66,6 +66,7 @@ PARQUET_VIEWS = {
     "eval_samples": ("evaluate", "part-*.parquet"),
     "train_metrics": ("train", "metrics.parquet"),
     "skills": ("summarise", "skills.parquet"),
+    "revisions": ("revise", "part-*.parquet"),
 }
 
 TEACHER_TOKENS_VIEW = """

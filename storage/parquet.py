@@ -57,12 +57,39 @@ TEACHER = pa.schema(
     ],
     metadata={"opsd.kind": "teacher"},
 )
+# MOPD's routed teacher targets: the same columns plus the name of the teacher that scored the row
+ROUTED_TEACHER = pa.schema([*TEACHER, pa.field("teacher_name", pa.string())],
+                           metadata={"opsd.kind": "teacher"})
 
 # The teacher's prompt ids (privileged context + the student's turns), once per distinct
 # context: live-teacher objectives re-run the teacher on them during training.
 # G-OPD's reference model: its log-prob of every sampled token on the student's prompt
 REFERENCE_FILE = "reference.parquet"
 REFERENCE = pa.schema([("sample_id", pa.string()), ("reference_logprobs", pa.list_(pa.float32()))])
+# CEPO's wrong-answer teacher: the log-prob of every sampled token with a rejected sibling's
+# reply in place of the ground truth, the sibling it came from (null: none, scored with the
+# sample's own context) and the contrast log pT+ - log pT- per token
+NEGATIVE_FILE = "negative.parquet"
+NEGATIVE = pa.schema([("sample_id", pa.string()), ("rejected_from", pa.string()),
+                      ("negative_logprobs", pa.list_(F32)), ("contrast", pa.list_(F32))],
+                     metadata={"opsd.kind": "teacher_negative"})
+# BRTS: one row per prompt of a rollout shard, in a file beside the shard (selection-NNNNN):
+# which teacher reply was kept as a training sample and why. candidates: every sampled teacher
+# reply (tier 1: the teacher's context, tier 2: the recovery step's) with its verdict and the
+# student's mean per-token log-likelihood of it
+SELECTION = pa.schema(
+    [
+        ("row_id", pa.string()),
+        ("sample_id", pa.string()),  # the stored teacher sample; null when none was kept
+        ("tier", pa.int8()),  # 1 passing, 2 passing after recovery, 3 fallback, 0 none kept
+        ("chosen", I32),  # index into candidates (null: none kept)
+        ("reason", pa.string()),
+        ("candidates", pa.list_(pa.struct([("tier", pa.int8()), ("passed", pa.bool_()),
+                                           ("student_logp", F32), ("n_tokens", I32),
+                                           ("text", pa.string())]))),
+    ],
+    metadata={"opsd.kind": "brts_selection"},
+)
 CONTEXTS_FILE = "contexts.parquet"
 CONTEXTS = pa.schema(
     [
@@ -103,8 +130,37 @@ TRAIN_METRICS = pa.schema(
         ("seconds", F32),
         ("div_min", F32),
         ("div_max", F32),
+        # SD-Zero's reviser term (train.reviser): mean NLL per token of the step's passing
+        # revisions and how many tokens it had; null when the run trains no reviser
+        ("reviser_loss", F32),
+        ("reviser_tokens", I32),
     ],
     metadata={"opsd.kind": "train_metrics"},
+)
+
+# SD-Zero's revise stage: the current model, reading the reviser context (the teacher prompt with
+# the attempt view), rewrites an iteration's attempts; one row per revision
+REVISIONS = pa.schema(
+    [
+        ("sample_id", pa.string()),  # "<attempt sample_id>~r<j>"
+        ("attempt_id", pa.string()),  # the rollout it revises
+        ("row_id", pa.string()),
+        ("task", pa.string()),
+        ("prompt_ids", pa.list_(I32)),  # the reviser context: teacher prompt with the attempt
+        ("response_ids", pa.list_(I32)),
+        ("behaviour_logprobs", pa.list_(F32)),
+        ("text", pa.string()),
+        ("finish_reason", pa.string()),
+        ("reward", F32),
+        ("passed", pa.bool_()),
+        ("feedback", pa.string()),
+        ("n_tokens", I32),
+        ("attempt_passed", pa.bool_()),
+        ("attempt_reward", F32),
+        ("policy", pa.string()),
+        ("iteration", I32),
+    ],
+    metadata={"opsd.kind": "revisions"},
 )
 
 

@@ -28,9 +28,14 @@ INTEGRATION_MODULES = {
 }
 
 # single tests of otherwise fast modules that run a whole `opsd run` in a subprocess (1-2 min)
+# or a whole Prefect flow in process
 INTEGRATION_TESTS = {
     "test_prefect_server_killed_mid_run_loses_nothing_and_the_run_exits",
     "test_a_full_disk_fails_clearly_publishes_nothing_and_the_rerun_resumes",
+    "test_each_row_is_scored_by_the_teacher_it_was_routed_to",  # test_mopd
+    "test_the_mopd_recipe_runs_end_to_end",
+    "test_the_caopd_recipe_revises_what_teacher_and_student_see",  # test_caopd
+    "test_an_extended_run_replays_the_reviser_from_the_stored_revisions",  # test_sd_zero
 }
 
 

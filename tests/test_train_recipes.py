@@ -14,8 +14,11 @@ from tests.helpers import train_on
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RECIPES = ["opsd", "lightning-opd", "pw-opsd", "tip", "srpo", "scope", "exopd", "vopd", "trace",
-           "grpo", "sft"]
-OWN_ROLLOUTS = {"grpo", "sft"}  # no teacher guidance / replies sampled from the teacher
+           "grpo", "sft", "mopd", "caopd"]
+# no teacher guidance / replies sampled from the teacher / k = 4 rollouts per prompt (caopd)
+OWN_ROLLOUTS = {"grpo", "sft", "mopd", "caopd"}
+OWN_TEACHER = {"mopd", "caopd"}  # named routed teachers / the confidence view (tests/test_mopd.py,
+                                 # tests/test_caopd.py run them end to end)
 
 
 def test_every_recipe_exists_and_no_more():
@@ -28,7 +31,8 @@ def test_recipe_validates_and_shares_upstream_stages(name):
     quick = load_config(CONFIGS / "quickstart.yaml")
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.name == name and cfg.mode == "offline" and cfg.retention.enabled
-    for section in ("model", "data", "teacher", "eval"):
+    shared = ("model", "data", "eval") + (() if name in OWN_TEACHER else ("teacher",))
+    for section in shared:
         assert config_for_key(getattr(cfg, section)) == config_for_key(getattr(quick, section)), section
     same_rollouts = config_for_key(cfg.rollout) == config_for_key(quick.rollout)
     assert same_rollouts == (name not in OWN_ROLLOUTS)

@@ -7,6 +7,9 @@
 * ``attempt`` — the sample's own reply and its binary reward (SD-Zero reviser).
 * ``skills`` — lessons summarised from earlier rollouts of the same task or
   prompt (Skill-SD; see stages/summarise.py).
+* ``confidence`` — the prompt's empirical pass rate over its rollouts, as the
+  note CaOPD gives the teacher (opsd.calibration); absent for a prompt whose
+  rollouts have no verdict.
 
 The teacher then scores the sample's *unchanged* response ids with this extra
 context; only the context differs from the student's.
@@ -18,9 +21,10 @@ import hashlib
 import json
 from collections import defaultdict
 
+from opsd.calibration import format_confidence, pass_rates
 from opsd.config import ContextConfig
 
-DYNAMIC = ("feedback", "sibling", "attempt", "skills")
+DYNAMIC = ("feedback", "sibling", "attempt", "skills", "confidence")
 
 
 def needs_dynamic(cfg: ContextConfig) -> bool:
@@ -29,9 +33,10 @@ def needs_dynamic(cfg: ContextConfig) -> bool:
 
 
 def dynamic_views(rollouts: dict, cfg: ContextConfig, skills: dict[str, str] | None = None,
-                  group_by: str = "task") -> dict[str, dict]:
+                  group_by: str = "task", confidence_decimals: int = 2) -> dict[str, dict]:
     """sample_id → {view: value} for the dynamic views the config asks for."""
     wanted = (set(cfg.views) | {v for vs in cfg.consensus_views for v in vs}) & set(DYNAMIC)
+    rates = pass_rates(rollouts["row_id"], rollouts["passed"]) if "confidence" in wanted else {}
     by_row: dict[str, list[int]] = defaultdict(list)
     for i, rid in enumerate(rollouts["row_id"]):
         by_row[rid].append(i)
@@ -55,6 +60,8 @@ def dynamic_views(rollouts: dict, cfg: ContextConfig, skills: dict[str, str] | N
             lesson = skills.get(sid) or skills.get(group)
             if lesson:
                 v["skills"] = lesson
+        if rollouts["row_id"][i] in rates:
+            v["confidence"] = format_confidence(rates[rollouts["row_id"][i]], confidence_decimals)
         if v:
             out[sid] = v
     return out

@@ -22,7 +22,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from opsd.calibration import revise_text
 from opsd.config import KNOWN_VIEWS, ContextConfig
+from opsd.metrics import confidence_spans
 from opsd.data import Row
 
 
@@ -109,7 +111,8 @@ def build_context(
         if name == "demonstrations":
             for demo in value:
                 ctx.turns.append({"role": "user", "content": demo.prompt})
-                ctx.turns.append({"role": "assistant", "content": demo.completion})
+                ctx.turns.append({"role": "assistant",
+                                  "content": _demo_confidence(demo.completion, extra)})
         elif name == "sibling":
             if cfg.sibling_as == "turn":
                 ctx.turns.extend(_as_turns(row, value))
@@ -130,6 +133,8 @@ def build_context(
             ctx.system.append(cfg.feedback_template.format(**value))
         elif name == "attempt":
             ctx.system.append(cfg.attempt_template.format(**value))
+        elif name == "confidence":
+            ctx.system.append(cfg.confidence_template.format(confidence=value))
         else:
             raise ContextError(f"unknown privileged view {name!r}; known: {', '.join(KNOWN_VIEWS)}")
         ctx.views.append(name)
@@ -137,6 +142,15 @@ def build_context(
 
 
 PV_FIELDS = ("demonstrations", "solution", "answer", "system", "skills")
+
+
+def _demo_confidence(completion: str, extra: dict) -> str:
+    """CaOPD: a demonstration that states a confidence ("Confidence: 1.00") states the prompt's
+    empirical pass rate instead when the run computed one (the ``confidence`` view)."""
+    stated = extra.get("confidence")
+    if stated is None or not confidence_spans(completion):
+        return completion
+    return revise_text(completion, stated)
 
 
 def _as_turns(row: Row, reply: str) -> list[dict]:

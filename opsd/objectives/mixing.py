@@ -13,6 +13,7 @@ from collections import defaultdict
 from typing import Sequence
 
 import numpy as np
+import torch
 
 
 def group_advantages(rewards: Sequence[float], groups: Sequence[str], eps: float = 1e-4) -> np.ndarray:
@@ -87,6 +88,31 @@ def anneal(progress: float, weight: float, warmup_fraction: float, decay_fractio
     if decay_fraction <= 0:
         return 0.0
     return weight * max(0.0, 1.0 - (progress - warmup_fraction) / decay_fraction)
+
+
+def cepo_lambda(progress: float, lambda0: float, decay_fraction: float | None) -> float:
+    """CEPO's evidence weight schedule (Heakl et al. 2026, arXiv:2605.19436): ``λ0`` falling
+    linearly to 0 over the first ``decay_fraction`` of training (the paper: over 25 of 50 steps),
+    then 0 — dense credit early, plain GRPO after. ``None``: ``λ0`` throughout."""
+    if decay_fraction is None:
+        return lambda0
+    return lambda0 * max(0.0, 1.0 - progress / decay_fraction)
+
+
+def cepo_credit(adv_N: torch.Tensor, contrast_N: torch.Tensor, lam: float,
+                eps_w: float) -> torch.Tensor:
+    """CEPO's token credit (Heakl et al. 2026, arXiv:2605.19436), the factor on GRPO's advantage::
+
+        Â_t = A_i · [(1 − λ) + λ · clip(w_t, 1 − ε_w, 1 + ε_w)],   w_t = exp(sign(A_i) · c_t)
+
+    with ``c_t = sg(log pT+(y_t) − log pT−(y_t))`` the contrast between the teacher shown the
+    ground truth and the teacher shown a rejected reply. Returns ``Â_t / A_i`` (1 where
+    ``A_i = 0``: sign 0 gives w = 1). A token the right answer favours and the wrong one
+    disfavours (c > 0) gets more credit in a passing reply and less blame in a failing one;
+    filler (c ≈ 0) keeps GRPO's uniform weight. The direction stays the verifier's: the factor
+    is positive."""
+    w_N = torch.exp(torch.sign(adv_N) * contrast_N.detach())
+    return (1.0 - lam) + lam * w_N.clamp(1.0 - eps_w, 1.0 + eps_w)
 
 
 # ----------------------------------------------------------------------------- spans

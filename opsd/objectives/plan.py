@@ -11,6 +11,11 @@ and the optimiser step minimises ``Σ_t loss_t / (tokens in the batch)``. This m
 decides the detached coefficients (weighting, selection, routing, annealing); the loop
 evaluates the terms chunk by chunk. ``ρ_t`` is the clipped importance ratio
 ``πS/πbehaviour`` when ``train.importance_ratio_clip`` is set, else 1.
+
+With ``rewards.credit: cepo`` the reward coefficient of a token is ``rl_weight · Â_t``, CEPO's
+contrast-weighted advantage (:func:`opsd.objectives.mixing.cepo_credit`); a reply the teacher
+wrote (BRTS, ``rollout.brts``) has its distillation coefficient scaled by
+``weighting.teacher_reply``.
 """
 
 from __future__ import annotations
@@ -99,6 +104,8 @@ def token_coefficients(batch, cfg: TrainConfig, stats: TokenStats | None = None,
         weight_N = weight_N * (W.normalize_per_sequence(pw_N, seq_N) if w.normalize else pw_N)
     if w.skip_first:
         weight_N = weight_N * W.skip_first(tokpos_N, w.skip_first)
+    if batch.sample_weight_N is not None:  # BRTS: the teacher-context branch's lambda
+        weight_N = weight_N * batch.sample_weight_N
 
     active_N = torch.ones(n, dtype=torch.bool)  # tokens that receive the distillation term
     pg_N = None
@@ -117,6 +124,14 @@ def token_coefficients(batch, cfg: TrainConfig, stats: TokenStats | None = None,
         pg_N = r.rl_weight * batch.scope_weight_N * passed_N
     elif r.rl_weight > 0:
         pg_N = r.rl_weight * adv_N
+    if r.credit == "cepo" and pg_N is not None:
+        # CEPO: the contrast of the right- and wrong-answer teachers scales each token's share
+        # of the (sign-preserving) advantage
+        lam = M.cepo_lambda(progress, r.cepo_lambda, r.cepo_decay_fraction)
+        credit_N = M.cepo_credit(adv_N, batch.teacher_logp_N - batch.negative_logp_N, lam,
+                                 r.cepo_clip)
+        pg_N = pg_N * credit_N
+        info.update(cepo_lambda=lam, cepo_credit_mean=float(credit_N.mean()) if n else 1.0)
 
     if w.entropy != "none":
         if w.entropy == "student":

@@ -49,6 +49,14 @@ class Example:
     teacher_context_ids: list[int] | None = field(default=None, repr=False)
     # --- G-OPD: the reference model's log-prob of each sampled token (teacher.reference)
     reference_logp: np.ndarray | None = None  # [R]
+    # --- CEPO: the wrong-answer teacher's log-prob of each sampled token (teacher.negative_view)
+    negative_logp: np.ndarray | None = None  # [R]
+    # --- BRTS: the distillation weight of the whole sample (train.weighting.teacher_reply on a
+    # reply the teacher wrote, 1 on the student's own)
+    sample_weight: float = 1.0
+    # BRTS: a reply the teacher wrote is no member of the student's GRPO group (a group of its
+    # own: advantage 0)
+    teacher_written: bool = False
 
 
 @dataclass
@@ -71,6 +79,8 @@ class Batch:
     key_N: torch.Tensor | None = None  # bool
     error_N: torch.Tensor | None = None  # bool
     reference_logp_N: torch.Tensor | None = None  # G-OPD's pRef; None: the behaviour policy
+    negative_logp_N: torch.Tensor | None = None  # CEPO's log pT-; None: no negative pass
+    sample_weight_N: torch.Tensor | None = None  # BRTS: the sample's distillation weight
     examples: list[Example] = field(default_factory=list, repr=False)
     seq_N: torch.Tensor | None = None  # index of each token's example in the batch
     # packed layout only (None in the plain one): per position, its RoPE position, its segment
@@ -152,6 +162,9 @@ def collate(examples: list[Example], pad_id: int, pack: bool = False) -> Batch:
     with_ref = [e.reference_logp is not None for e in examples]
     if any(with_ref) and not all(with_ref):
         raise ValueError("some examples of the batch have reference log-probs and some do not")
+    with_neg = [e.negative_logp is not None for e in examples]
+    if any(with_neg) and not all(with_neg):
+        raise ValueError("some examples of the batch have negative log-probs and some do not")
     return Batch(
         sample_ids=[e.sample_id for e in examples],
         input_ids_BL=ids,
@@ -176,6 +189,10 @@ def collate(examples: list[Example], pad_id: int, pack: bool = False) -> Batch:
         error_N=masks("error_mask"),
         reference_logp_N=(cat([e.reference_logp for e in examples], np.float32)
                           if with_ref and all(with_ref) else None),
+        negative_logp_N=(cat([e.negative_logp for e in examples], np.float32)
+                         if with_neg and all(with_neg) else None),
+        sample_weight_N=(per_token([e.sample_weight for e in examples], np.float32)
+                         if any(e.sample_weight != 1.0 for e in examples) else None),
         examples=list(examples),
     )
 

@@ -247,6 +247,30 @@ def micro_batch_loss(model, batch: Batch, cfg: TrainConfig, loss_scale: float, *
     return total.detach(), div, ent, info
 
 
+def reviser_config(cfg: TrainConfig) -> TrainConfig:
+    """The train settings of SD-Zero's reviser term: plain NLL at temperature 1 on the revisions'
+    sampled tokens, with the step's memory and kernel settings. The main objective's weighting,
+    selection, routing, reward and temperature settings do not apply: the reviser is fitted to
+    its verified revisions by supervised learning, as in the paper's self-revision training."""
+    return TrainConfig(objective="nll", logit_chunk=cfg.logit_chunk, autocast=cfg.autocast,
+                       attention=cfg.attention, share_prompts=cfg.share_prompts,
+                       batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size)
+
+
+def reviser_nll(model, batch: Batch, cfg: TrainConfig, loss_scale: float) -> torch.Tensor:
+    """SD-Zero's reviser term on one micro-batch of passing revisions (prompt = the reviser
+    context ``c``, response = the revision ``ŷ``)::
+
+        Σ_{ŷ ∈ batch} Σ_t −log πθ(ŷ_t | c, ŷ_<t)
+
+    returned detached; its gradient times ``loss_scale`` (``train.reviser.weight / |R|``, ``|R|``
+    the revision tokens of the optimiser step) is accumulated into the parameters' ``.grad``.
+    The same chunked path as the main loss (decoder once, LM head ``logit_chunk`` positions at a
+    time), with :func:`reviser_config`'s settings."""
+    total, _, _, _ = micro_batch_loss(model, batch, reviser_config(cfg), loss_scale)
+    return total
+
+
 class LossModule(torch.nn.Module):
     """A module whose forward is the whole micro-batch loss of ``model`` (FSDP's root unit).
 

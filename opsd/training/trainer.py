@@ -28,7 +28,7 @@ from opsd.config import TrainConfig
 from opsd.memory import release_free_memory
 from opsd.packing import supports_packing
 from opsd.training.batches import Example, collate, epoch_order
-from opsd.training.loss import LiveTeacher, micro_batch_loss
+from opsd.training.loss import LiveTeacher, micro_batch_loss, reviser_nll
 from opsd.training.memory import Checkpointing
 
 
@@ -148,7 +148,11 @@ class Trainer:
         self.teacher = (LiveTeacher(teacher_model, teacher_batch_size, share_prefix)
                         if teacher_model is not None else None)
 
-    def step(self, examples: list[Example], epoch: int = 0) -> StepStats:
+    def step(self, examples: list[Example], epoch: int = 0,
+             revisions: list[Example] | None = None) -> StepStats:
+        """One optimiser step on ``examples``; with ``revisions`` (SD-Zero's passing revisions,
+        ``train.reviser``) the step minimises ``main + weight · reviser NLL``, each term the mean
+        over its own tokens (:meth:`_reviser_backward`)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         self.model.train()
@@ -200,6 +204,12 @@ class Trainer:
             info_sum = dict(zip(sorted(info_sum), self.dist.sum([info_sum[k] for k in sorted(info_sum)])))
             d_sum, d_n, e_sum = self.dist.sum([div_stats[0], div_stats[1], div_stats[4]])
             div_stats = (d_sum, d_n, self.dist.min(div_stats[2]), self.dist.max(div_stats[3]), e_sum)
+        reviser: dict = {}
+        if cfg.reviser.enabled:
+            rev_loss, rev_tokens = self._reviser_backward(revisions or [])
+            reviser = {"reviser_loss": rev_loss, "reviser_tokens": rev_tokens}
+            if rev_loss is not None:
+                loss += cfg.reviser.weight * rev_loss
         if not math.isfinite(loss):
             self.opt.zero_grad(set_to_none=True)
             raise NumericalError(
@@ -229,10 +239,31 @@ class Trainer:
             tokens=n_tokens, tokens_per_s=n_tokens / dt if dt > 0 else 0.0, seconds=dt,
             div_min=div_stats[2] if div_stats[1] else 0.0,
             div_max=div_stats[3] if div_stats[1] else 0.0,
-            extra={k: v / max(1, n_tokens) for k, v in info_sum.items()},
+            extra={**{k: v / max(1, n_tokens) for k, v in info_sum.items()}, **reviser},
         )
         self.state.history.append(stats.as_dict())
         return stats
+
+    def _reviser_backward(self, revisions: list[Example]) -> tuple[float | None, int]:
+        """SD-Zero's reviser term, its gradient accumulated into the step's:
+
+            weight · (1/|R|) Σ_{ŷ ∈ revisions} Σ_t −log πθ(ŷ_t | c, ŷ_<t)
+
+        (``|R|`` the revisions' tokens; a mean of its own, so the main term's scale does not
+        depend on how many revisions passed). Returns (mean NLL per token, |R|); (None, 0)
+        without revisions."""
+        n = sum(len(e.response_ids) for e in revisions)
+        if not n:
+            return None, 0
+        if self.dist is not None:
+            raise NotImplementedError("train.reviser is online-only (one process)")
+        total = 0.0
+        mbs = self.cfg.micro_batch_size
+        for s in range(0, len(revisions), mbs):
+            mb = collate(revisions[s : s + mbs], self.pad_id, pack=self.pack)
+            self.checkpointing.before(int(mb.input_ids_BL.numel()))
+            total += float(reviser_nll(self.model, mb, self.cfg, self.cfg.reviser.weight / n))
+        return total / n, n
 
 
 def plan_batches(n_examples: int, cfg: TrainConfig,
