@@ -41,9 +41,9 @@ if str(ROOT) not in sys.path:
 from bench.docs import write_section  # noqa: E402
 
 RECIPES = ["quickstart", "lightning-opd", "opsd", "pw-opsd", "tip", "srpo", "scope", "exopd",
-           "vopd", "trace", "grpo", "sft"]
-ONLINE_RECIPES = ["online/opsd", "online/sdpo", "online/skill-sd", "online/kepo", "online/avsd",
-                  "online/atesd"]
+           "vopd", "trace", "mopd", "caopd", "grpo", "sft"]
+ONLINE_RECIPES = ["online/opsd", "online/sdpo", "online/skill-sd", "online/sd-zero", "online/brts",
+                  "online/cepo", "online/kepo", "online/avsd", "online/atesd"]
 
 
 def run_recipe(name: str, root: str, overrides: list[str], tag: str = "") -> dict:
