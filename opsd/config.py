@@ -400,6 +400,16 @@ class RolloutConfig(_Strict):
         "positions are the hinted sampler's), so GRPO's group has a reward-positive sample. "
         "0: off. hf backend.",
     )
+    rescue_behaviour: Literal["sampler", "student"] = Field(
+        "sampler",
+        description="Behaviour log-probs stored with a rescued reply (rescue_tries > 0), the "
+        "denominator of the reward term's ratio rho_t = pS(y_t)/p_behaviour(y_t). sampler: the "
+        "hinted sampler's (the exact importance ratio; a reply the student alone would not write "
+        "has rho ~ pS/p_hint << 1, so PPO's surrogate gives it almost no gradient); student: the "
+        "student's own log-probs of the reply on its plain prompt at sampling time (the reply "
+        "enters GRPO as if the current policy had sampled it: rho = 1 at the first step). hf "
+        "backend.",
+    )
     brts: BRTSConfig = Field(
         default_factory=BRTSConfig,
         description="BRTS best-of-N teacher replies as extra samples (brts.n > 0; hf backend).",
@@ -426,6 +436,8 @@ class RolloutConfig(_Strict):
             out.add("sample_from")  # the default: keys of recipes older than the field stay
         if not self.rescue_tries:
             out.add("rescue_tries")
+        if not self.rescue_tries or self.rescue_behaviour == "sampler":
+            out.add("rescue_behaviour")  # the default: keys of recipes older than the field stay
         if not self.brts.n:
             out.add("brts")  # off: keys of recipes older than the field stay
         return out
@@ -1254,6 +1266,12 @@ class PipelineConfig(_Strict):
         if self.rollout.rescue_tries and self.rollout.backend != "hf":
             raise ValueError("rollout.rescue_tries needs rollout.backend=hf (the hinted sampler is "
                              "the teacher's resident model)")
+        r = self.rollout
+        if r.rescue_tries and r.rescue_behaviour == "student" and (r.temperature != 1.0 or r.top_p != 1.0):
+            raise ValueError("rollout.rescue_behaviour: student stores the student's plain log-probs "
+                             "(temperature 1, no top-p) as the rescued reply's behaviour: it needs "
+                             "rollout.temperature: 1.0 and rollout.top_p: 1.0 to match the other "
+                             "samples' (or rescue_behaviour: sampler)")
         if self.rollout.brts.n and self.rollout.backend != "hf":
             raise ValueError("rollout.brts needs rollout.backend=hf (the teacher's resident model "
                              "samples the candidates, the student's scores them)")

@@ -111,7 +111,13 @@ def write_shard(job: RolloutShard, tokenizer, engine, guide_model=None, progress
     rescued = 0
     if cfg.rescue_tries and guide_model is not None:
         hinted = HFGenerator(guide_model, tokenizer, batch_size=cfg.batch_size)
-        gens, rescued = rescue(chunk, gens, contexts, hinted, tokenizer, params, cfg.rescue_tries)
+        student_model = getattr(engine, "model", None)
+        if cfg.rescue_behaviour == "student" and student_model is None:
+            raise ValueError("rollout.rescue_behaviour: student scores the rescued replies with the "
+                             "student: it needs the hf backend")
+        gens, rescued = rescue(chunk, gens, contexts, hinted, tokenizer, params, cfg.rescue_tries,
+                               student=(student_model, prompts)
+                               if cfg.rescue_behaviour == "student" else None)
     table = sample_rows(chunk, prompts, gens, tokenizer,
                         job.teacher.key if from_teacher else job.policy.key, job.iteration)
     kept = []
@@ -220,15 +226,17 @@ def _passes(row: Row, response_ids, tokenizer) -> bool:
 
 
 def rescue(rows: list[Row], gens: list, contexts: list[list[int]], hinted, tokenizer,
-           params: SamplingParams, tries: int) -> tuple[list, int]:
+           params: SamplingParams, tries: int, student=None) -> tuple[list, int]:
     """KEPO's knowledge-enhanced exploration (rejection sampling with a hint).
 
     For every prompt ``p`` none of whose ``n`` replies passes, ``tries`` replies are sampled from
     ``hinted`` reading the teacher's prompt ``contexts[p]`` (the privileged view is the hint);
-    the first that passes replaces the prompt's last reply ``(p, n - 1)``, with the hinted
-    sampler's behaviour log-probs and every position marked guided. Prompts already holding a
-    passing reply, and those no hinted reply passes, keep their own. Returns the replies (same
-    order) and the number of prompts rescued.
+    the first that passes replaces the prompt's last reply ``(p, n - 1)``, every position marked
+    guided. Its behaviour log-probs are the hinted sampler's, or — ``student = (model,
+    prompts)`` (``rollout.rescue_behaviour: student``) — ``log πS(y_t | prompts[p], y_<t)``, the
+    student's own on its plain prompt, so the reply enters GRPO's ratio as the current policy's
+    sample. Prompts already holding a passing reply, and those no hinted reply passes, keep
+    their own. Returns the replies (same order) and the number of prompts rescued.
     """
     from opsd.backends.hf import Generation
 
@@ -244,13 +252,20 @@ def rescue(rows: list[Row], gens: list, contexts: list[list[int]], hinted, token
         p = failing[h.prompt_index]
         if p not in found and _passes(rows[p], h.response_ids, tokenizer):
             found[p] = h
+    behaviour = {p: h.logprobs for p, h in found.items()}
+    if student is not None and found:
+        model, prompts = student
+        order = sorted(found)
+        lps = sequence_logprobs(model, [prompts[p] for p in order],
+                                [found[p].response_ids for p in order])
+        behaviour = {p: [float(x) for x in lp] for p, lp in zip(order, lps)}
     last = params.n - 1
     out = []
     for g in gens:
         h = found.get(g.prompt_index)
         if h is not None and g.sample_index == last:
-            g = Generation(g.prompt_index, last, h.response_ids, h.logprobs, h.finish_reason,
-                           list(range(len(h.response_ids))))
+            g = Generation(g.prompt_index, last, h.response_ids, behaviour[g.prompt_index],
+                           h.finish_reason, list(range(len(h.response_ids))))
         out.append(g)
     return out, len(found)
 

@@ -66,3 +66,44 @@ def test_nothing_to_rescue_samples_nothing():
     out, rescued = rescue([_row(0)], _gens([["yes", "no"]]), [[10]], hinted, Letters(),
                           SamplingParams(n=2), tries=4)
     assert rescued == 0 and not hinted.calls and len(out) == 2
+
+
+def test_student_behaviour_is_the_students_own_log_prob_of_the_rescued_reply(tiny_model_dir):
+    """rollout.rescue_behaviour: student — the rescued reply's stored behaviour log-probs are
+    log pS(y_t | plain prompt, y_<t) by one plain forward of the student (brute force here), so
+    GRPO's ratio starts at 1 instead of pS/p_hint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rows = [_row(0), _row(1)]
+    gens = _gens([["no", "nope"], ["no", "yes"]])  # q0 fails: rescued; q1 passes: untouched
+    hinted = Scripted({10: ["nay", "yes"]})
+    prompts = [[5, 6, 7], [8, 9]]
+    out, rescued = rescue(rows, gens, [[10], [11]], hinted, Letters(),
+                          SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=3), tries=2,
+                          student=(model, prompts))
+    assert rescued == 1
+    new = out[1]
+    assert Letters().decode(new.response_ids) == "yes" and new.guided == [0, 1, 2]
+    with torch.no_grad():
+        ids = torch.tensor([prompts[0] + new.response_ids])
+        lp_TV = model(ids).logits[0].float().log_softmax(-1)
+    want = [float(lp_TV[len(prompts[0]) - 1 + t, tok]) for t, tok in enumerate(new.response_ids)]
+    assert new.logprobs != [-0.5] * 3  # not the hinted sampler's
+    assert torch.allclose(torch.tensor(new.logprobs), torch.tensor(want), atol=1e-4)
+    assert out[2] is gens[2] and out[3] is gens[3]
+
+
+def test_student_behaviour_is_refused_where_it_would_not_match_the_other_samples():
+    import pytest
+
+    from opsd.config import ConfigError, config_from_dict
+
+    base = {"name": "k", "mode": "online", "model": {"name": "m"}, "data": {"source": "behaviours"},
+            "rollout": {"rescue_tries": 2, "rescue_behaviour": "student", "temperature": 0.7},
+            "teacher": {"kind": "live"}}
+    with pytest.raises(ConfigError, match="rescue_behaviour"):
+        config_from_dict(base, "recipe")
+    ok = config_from_dict({**base, "rollout": {**base["rollout"], "temperature": 1.0}}, "recipe")
+    assert ok.rollout.rescue_behaviour == "student"
