@@ -141,3 +141,23 @@ def synthetic_examples(n: int, prompt_len: int, resp_len: int, vocab: int, k: in
             topk_ids=rng.integers(0, vocab, (resp_len, k)).astype(np.int32), topk_logp=lp,
             tail=np.full(resp_len, 0.1, np.float32), group=f"g{i}"))
     return out
+
+
+def run_offline_recipe(raw: dict, name: str, root: Path):
+    """Validate ``raw`` as a recipe file is validated, run it through a real offline flow under
+    ``root``, check the run completed with a finite result; returns (metrics, catalog, stages
+    of the run by label)."""
+    import math
+
+    from opsd.config import config_from_dict
+    from opsd.flows.offline import offline_flow
+    from opsd.storage.catalog import Catalog
+    from opsd.storage.layout import Layout
+
+    cfg = config_from_dict(raw, name)
+    metrics = offline_flow(config=cfg.model_dump(mode="json"), root=str(root), show_progress=False)
+    assert math.isfinite(metrics["eval.after.greedy"])
+    cat = Catalog(Layout.at(root))
+    run = cat.runs()[-1]
+    assert run["status"] == "completed"
+    return metrics, cat, {s["label"]: s for s in cat.stages(run["run_id"])}

@@ -9,7 +9,6 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -21,10 +20,8 @@ from opsd.context.render import build_context
 from opsd.data.rows import Row
 from opsd.metrics import stated_confidence
 from opsd.models import load_tokenizer
-from opsd.storage.catalog import Catalog
-from opsd.storage.layout import Layout
 from opsd.storage.parquet import CONTEXTS_FILE, read_table
-from tests.helpers import DEMOS, shrunk_recipe
+from tests.helpers import DEMOS, run_offline_recipe, shrunk_recipe
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "caopd.yaml"
 
@@ -126,21 +123,12 @@ def test_the_recipe_validates_names_its_paper_and_is_offline_only():
 
 @pytest.mark.timeout(300)
 def test_the_caopd_recipe_revises_what_teacher_and_student_see(tiny_model_dir, tmp_path):
-    from opsd.flows.offline import offline_flow
-
     raw = shrunk_recipe(RECIPE, tiny_model_dir)
     raw["data"] = {"source": str(_data(tmp_path / "d.jsonl"))}
     raw["rollout"]["n"] = 3
     raw["teacher"]["dtype"] = "float32"
     raw["train"]["steps"] = 2
-    cfg = config_from_dict(raw, "caopd")  # the validation a recipe file gets
-    metrics = offline_flow(config=cfg.model_dump(mode="json"), root=str(tmp_path / "home"),
-                           show_progress=False)
-    assert np.isfinite(metrics["eval.after.greedy"])
-    cat = Catalog(Layout.at(tmp_path / "home"))
-    run = cat.runs()[-1]
-    assert run["status"] == "completed"
-    stages = {s["label"]: s for s in cat.stages(run["run_id"])}
+    metrics, cat, stages = run_offline_recipe(raw, "caopd", tmp_path / "home")
     before = read_table(Path(cat.artifact(stages["rollout"]["key"])["path"])).to_pydict()
     art = cat.artifact(stages["confidence"]["key"])
     after = read_table(Path(art["path"])).to_pydict()

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from opsd.config import config_from_dict
-from opsd.storage.catalog import Catalog
-from opsd.storage.layout import Layout
-from tests.helpers import shrunk_recipe
+from tests.helpers import run_offline_recipe, shrunk_recipe
 
 FACTS = Path(__file__).resolve().parent.parent / "configs" / "facts"
 RECIPES = ["opsd", "sft", "mixsd"]
@@ -25,20 +21,11 @@ def test_every_facts_recipe_is_here():
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", RECIPES)
 def test_facts_recipe_runs_end_to_end(name, tiny_model_dir, tmp_path):
-    from opsd.flows.offline import offline_flow
-
     raw = shrunk_recipe(FACTS / f"{name}.yaml", tiny_model_dir)
     raw["data"].update(train_limit=8, eval_limit=4)
     raw["train"]["steps"] = 2
     raw["eval"]["benchmarks"] = [{**b, "limit": 4} for b in raw["eval"]["benchmarks"]]
-    cfg = config_from_dict(raw, name)  # the validation a recipe file gets
-    metrics = offline_flow(config=cfg.model_dump(mode="json"), root=str(tmp_path / "home"),
-                           show_progress=False)
-    assert np.isfinite(metrics["eval.after.greedy"])
-    cat = Catalog(Layout.at(tmp_path / "home"))
-    run = cat.runs()[-1]
-    assert run["status"] == "completed"
-    stages = {s["label"]: s for s in cat.stages(run["run_id"])}
+    metrics, cat, stages = run_offline_recipe(raw, name, tmp_path / "home")
     rollout = cat.artifact(stages["rollout"]["key"])["manifest"]
     if name == "mixsd":  # about half of the reply tokens drawn from the teacher's conditional
         assert 0.2 < rollout["guided_tokens"] / rollout["response_tokens"] < 0.8, rollout

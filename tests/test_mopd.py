@@ -19,7 +19,7 @@ from opsd.routing import route
 from opsd.storage.catalog import Catalog
 from opsd.storage.layout import Layout
 from opsd.storage.parquet import read_table
-from tests.helpers import shrunk_recipe, tiny_config, write_dataset
+from tests.helpers import run_offline_recipe, shrunk_recipe, tiny_config, write_dataset
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "mopd.yaml"
 
@@ -169,19 +169,10 @@ def test_the_mopd_recipe_validates_and_names_its_paper():
 
 @pytest.mark.timeout(300)
 def test_the_mopd_recipe_runs_end_to_end(tiny_model_dir, tmp_path):
-    from opsd.flows.offline import offline_flow
-
     raw = shrunk_recipe(RECIPE, tiny_model_dir)
     raw["data"].update(train_limit=8, eval_limit=4)
     raw["train"]["steps"] = 2
-    cfg = config_from_dict(raw, "mopd")  # the validation a recipe file gets
-    metrics = offline_flow(config=cfg.model_dump(mode="json"), root=str(tmp_path / "home"),
-                           show_progress=False)
-    assert np.isfinite(metrics["eval.after.greedy"])
-    cat = Catalog(Layout.at(tmp_path / "home"))
-    run = cat.runs()[-1]
-    assert run["status"] == "completed"
-    stages = {s["label"]: s for s in cat.stages(run["run_id"])}
+    metrics, cat, stages = run_offline_recipe(raw, "mopd", tmp_path / "home")
     teacher = cat.artifact(stages["teacher"]["key"])
     names = read_table(Path(teacher["path"]), columns=["teacher_name"]).column(0).to_pylist()
     counts = {n: v["samples"] for n, v in teacher["manifest"]["teachers"].items()}
