@@ -195,6 +195,78 @@ def test_gated_residual_consensus_matches_its_formula_position_by_position():
     torch.testing.assert_close(t_far, c_far, atol=1e-3, rtol=0)
 
 
+def _uniform_tail_views(V, R, N, K, seed):
+    """Per view and position: K tokens with distinct random log-probs, the other N - K equally
+    likely (the case where a top-k engine's unreturned mass, spread evenly, is exact)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    full_VRN = torch.empty(V, R, N)
+    for v in range(V):
+        for r in range(R):
+            top = torch.randperm(N, generator=g)[:K]
+            x = torch.full((N,), float(torch.randn(1, generator=g)) - 2.0)
+            x[top] = torch.randn(K, generator=g) + 1.0
+            full_VRN[v, r] = x.log_softmax(-1)
+    return full_VRN
+
+
+@pytest.mark.parametrize("mode", ["mean_logprob", "mean_prob", "gated_residual"])
+@pytest.mark.parametrize("k", [16, 4])
+def test_topk_consensus_equals_the_full_vocabulary_rule(mode, k):
+    """vLLM's scorer sees each view's top-k only (opsd.context.consensus.combine_topk). Against
+    the full-vocabulary rule on every token: exact when k = N, and exact for k < N when each
+    view's unreturned tokens are equally likely (its even spread of the unreturned mass is then
+    the truth); the target's top-k, sampled log-prob and tail mass all checked."""
+    import torch
+
+    from opsd.context.consensus import combine, combine_topk
+
+    V, R, N = 3, 7, 16
+    full_VRN = _uniform_tail_views(V, R, N, min(k, 6), seed=k) if k < N else \
+        torch.randn(V, R, N).mul(2).log_softmax(-1)
+    y_R = torch.randint(0, N, (R,), generator=torch.Generator().manual_seed(1))
+    vals_VRK, ids_VRK = full_VRN.topk(k, dim=-1)
+    sampled_VR = full_VRN.gather(-1, y_R[None, :, None].expand(V, R, 1)).squeeze(-1)
+    sampled_R, tids_RK, tlps_RK, tail_R = combine_topk(sampled_VR, ids_VRK, vals_VRK, y_R, N, mode, 0.7)
+    want_RN = torch.stack([combine(full_VRN[:, r:r + 1], mode, 0.7)[0] for r in range(R)])
+    torch.testing.assert_close(sampled_R, want_RN.gather(-1, y_R[:, None]).squeeze(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tlps_RK, want_RN.topk(k, dim=-1).values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(want_RN.gather(-1, tids_RK.long()), tlps_RK, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tail_R, (1 - tlps_RK.exp().sum(-1)).clamp_min(0), atol=1e-6, rtol=0)
+    assert tids_RK.dtype == torch.int32 and tids_RK.shape == (R, k)
+
+
+def test_topk_consensus_with_uneven_tails_approaches_the_full_rule_as_k_grows():
+    """Where the unreturned tokens are not equally likely the even spread is an approximation:
+    the mixture's probabilities are off by less than the views' largest unreturned mass; the
+    geometric rules (which weigh small probabilities) are off by more, and every rule's error
+    shrinks to 0 as k reaches N. A single view (mode none) is returned exactly."""
+    import torch
+
+    from opsd.context.consensus import combine, combine_topk
+
+    torch.manual_seed(3)
+    V, R, N = 2, 9, 40
+    full_VRN = torch.randn(V, R, N).mul(3).log_softmax(-1)
+    y_R = torch.randint(0, N, (R,))
+    sampled_VR = full_VRN.gather(-1, y_R[None, :, None].expand(V, R, 1)).squeeze(-1)
+    for mode in ("mean_logprob", "mean_prob", "gated_residual"):
+        want_RN = torch.stack([combine(full_VRN[:, r:r + 1], mode, 1.0)[0] for r in range(R)])
+        errs = []
+        for k in (4, 8, 16, 24, 32, 40):
+            vals_VRK, ids_VRK = full_VRN.topk(k, dim=-1)
+            s_R, ids_RK, lps_RK, _ = combine_topk(sampled_VR, ids_VRK, vals_VRK, y_R, N, mode, 1.0)
+            errs.append(float((want_RN.gather(-1, ids_RK.long()).exp() - lps_RK.exp()).abs().max()))
+            if mode == "mean_prob":
+                assert errs[-1] <= float((1 - vals_VRK.exp().sum(-1)).max()) + 1e-6
+        assert errs == sorted(errs, reverse=True) and errs[-1] < 1e-5 and errs[0] > 1e-3, (mode, errs)
+    vals_VRK, ids_VRK = full_VRN.topk(8, dim=-1)
+    s_R, ids_RK, lps_RK, _ = combine_topk(sampled_VR[:1], ids_VRK[:1], vals_VRK[:1], y_R, N, "none")
+    torch.testing.assert_close(lps_RK, vals_VRK[0])
+    torch.testing.assert_close(s_R, sampled_VR[0])
+
+
 def test_exposure_schedules_and_the_atesd_controller():
     """Each exposure mode's ratio by hand; ATESD's controller: one sampled ratio per hold window,
     replayed identically from the same pass rates (a resumed run), and after windows whose

@@ -185,6 +185,40 @@ def test_teacher_scores_match_hf_fp32(engine, hf, contexts, greedy_hf):
 
 
 @needs_vllm
+def test_consensus_targets_match_hf(engine, hf, prompts, contexts, greedy_hf):
+    """VLLMScorer.score_views (two view sets: the plain prompt and the demonstrations) against
+    HF's full-vocabulary consensus: the mixture's sampled log-prob within the views' unreturned
+    mass, every rule's top-1 id as HF's on nearly every position, and the same rule applied to
+    HF's own top-20 (what vLLM sees) close to vLLM's."""
+    from opsd.context.consensus import combine_topk
+
+    _, scorer = engine
+    _, model = hf
+    responses = [g.response_ids for g in greedy_hf]
+    views = [prompts, contexts]
+    h = HFScorer(model, batch_size=8)
+    per_view = [h.score(c, responses, topk=20) for c in views]
+    for mode in ("mean_prob", "mean_logprob", "gated_residual"):
+        v = scorer.score_views(views, responses, 20, mode, tau=1.0)
+        exact = h.score_views(views, responses, 20, mode, tau=1.0)
+        same_top1 = total = 0
+        for i, (a, b) in enumerate(zip(v, exact)):
+            assert a.topk_ids_RK.shape == b.topk_ids_RK.shape and a.topk_ids_RK.dtype == torch.int32
+            same_top1 += int((a.topk_ids_RK[:, 0] == b.topk_ids_RK[:, 0]).sum())
+            total += len(a.topk_ids_RK)
+            if mode == "mean_prob":
+                tail = torch.stack([pv[i].tail_mass_R for pv in per_view]).amax(0)
+                gap = (a.sampled_logprob_R.exp() - b.sampled_logprob_R.exp()).abs()
+                assert bool((gap <= tail + 0.02).all())
+            ref = combine_topk(torch.stack([pv[i].sampled_logprob_R for pv in per_view]),
+                               torch.stack([pv[i].topk_ids_RK for pv in per_view]),
+                               torch.stack([pv[i].topk_logprobs_RK for pv in per_view]),
+                               torch.tensor(responses[i]), model.config.vocab_size, mode, 1.0)
+            assert (a.sampled_logprob_R - ref[0]).abs().mean() < 0.05
+        assert same_top1 / total >= 0.95, (mode, same_top1, total)
+
+
+@needs_vllm
 def test_prefix_cache_hits_into_the_response_are_rescored(engine, contexts):
     """Scoring the same rows again hits vLLM's prefix cache past the context; those
     rows carry no log-probs, so the scorer recomputes them and the targets are unchanged."""

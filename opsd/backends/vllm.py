@@ -58,6 +58,7 @@ import torch
 
 from opsd.backends.hf import Generation, SamplingParams, TokenTargets
 from opsd.config import VLLMEngineConfig
+from opsd.context.consensus import combine_topk
 
 log = logging.getLogger("opsd.vllm")
 
@@ -621,6 +622,37 @@ class VLLMScorer:
             if progress:
                 progress(len(ctxs))
         return results
+
+    def score_views(
+        self,
+        contexts_by_view: Sequence[Sequence[Sequence[int]]],
+        responses: Sequence[Sequence[int]],
+        topk: int,
+        mode: str,
+        progress=None,
+        tau: float = 1.0,
+    ) -> list[TokenTargets]:
+        """Consensus targets, as :meth:`HFScorer.score_views`, from each view's top-k.
+
+        vLLM returns ``prompt_logprobs`` for the top-k only, so the views are combined on the
+        union of their top-k ids plus one bucket for the rest of the vocabulary
+        (:func:`opsd.context.consensus.combine_topk`: each view's unreturned mass spread
+        evenly). That is exact when every view's unreturned tokens are equally likely and, for
+        ``mean_prob``, off by at most the views' unreturned mass; the geometric rules weigh
+        small probabilities and are more sensitive (docs/vllm.md has the measured error)."""
+        per_view = [self.score(ctxs, responses, topk, progress=None) for ctxs in contexts_by_view]
+        vocab = int(self.engine.llm.llm_engine.model_config.get_vocab_size())
+        out = []
+        for i, r in enumerate(responses):
+            views = [pv[i] for pv in per_view]
+            parts = combine_topk(torch.stack([t.sampled_logprob_R for t in views]),
+                                 torch.stack([t.topk_ids_RK for t in views]),
+                                 torch.stack([t.topk_logprobs_RK for t in views]),
+                                 torch.tensor(list(r), dtype=torch.long), vocab, mode, tau)
+            out.append(TokenTargets(*parts))
+        if progress:
+            progress(len(responses))
+        return out
 
 
 def _empty(topk: int) -> TokenTargets:
