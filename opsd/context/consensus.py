@@ -25,8 +25,8 @@ of a token of ``U`` it did not return is its unreturned mass spread evenly,
 ``log( (1 - Σ_known p_v) / (N - n_known_v) )``, the bucket's the same per token. Every rule takes
 a per-entry multiplicity ``count`` (the bucket's is ``N - |U|``) so sums over the vocabulary stay
 sums over all ``N`` tokens. Exact when each view's unreturned tokens are equally likely (always
-when ``k = N``); otherwise off by at most how uneven a view's tail is, i.e. by at most its tail
-mass.
+when ``k = N``); otherwise ``mean_prob`` is off by at most the views' unreturned mass, and the
+geometric rules, which weigh small probabilities, by more (measured in docs/vllm.md).
 """
 
 from __future__ import annotations
@@ -83,11 +83,13 @@ CONSENSUS: dict[str, Combine] = {
 MODES = ("none", *CONSENSUS)
 
 
-def combine(views_VCV: torch.Tensor, mode: str, tau: float = 1.0) -> torch.Tensor:
-    """The target log-probs ``[C, V]`` of one chunk from its per-view log-probs ``[V, C, V]``."""
+def combine(views_VCV: torch.Tensor, mode: str, tau: float = 1.0,
+            log_count_CV: torch.Tensor | None = None) -> torch.Tensor:
+    """The target log-probs ``[C, V]`` of one chunk from its per-view log-probs ``[V, C, V]``
+    (``log_count_CV``: entries standing for that many equal tokens, see :func:`combine_topk`)."""
     if views_VCV.shape[0] == 1 or mode == "none":
         return views_VCV[0]
-    return CONSENSUS[mode](views_VCV, tau)
+    return CONSENSUS[mode](views_VCV, tau, log_count_CV)
 
 
 def combine_topk(sampled_VR: torch.Tensor, ids_VRK: torch.Tensor, logprobs_VRK: torch.Tensor,
@@ -129,17 +131,10 @@ def combine_topk(sampled_VR: torch.Tensor, ids_VRK: torch.Tensor, logprobs_VRK: 
     views_VRX = torch.cat([val_VRS, rest_VR[:, :, None]], -1)
     log_count_RX = torch.cat([torch.where(first_RS, 0.0, float("-inf")),
                               (vocab_size - n_union_R).float().log()[:, None]], -1)
-    t_RX = combine_counted(views_VRX, mode, tau, log_count_RX)
+    t_RX = combine(views_VRX, mode, tau, log_count_RX)
     sampled_R = t_RX[:, S - 1]
     cand_RS = torch.where(first_RS, t_RX[:, :S], float("-inf"))
     top_RK, at_RK = cand_RS.topk(K, dim=-1)
     tail_R = (1.0 - top_RK.exp().sum(-1)).clamp_min(0.0)
     return sampled_R, slot_RS.gather(1, at_RK).to(torch.int32), top_RK, tail_R
 
-
-def combine_counted(views_VCX: torch.Tensor, mode: str, tau: float,
-                    log_count_CX: torch.Tensor) -> torch.Tensor:
-    """:func:`combine` on entries that stand for ``exp(log_count)`` equal tokens each."""
-    if views_VCX.shape[0] == 1 or mode == "none":
-        return views_VCX[0]
-    return CONSENSUS[mode](views_VCX, tau, log_count_CX)
