@@ -13,6 +13,9 @@ from opsd.config import benchmark_name, config_from_dict
 from opsd.data import DatasetError, load_rows, verify
 from opsd.data.specs import RegexVerifier
 from opsd.data.suites import facts as facts_suite
+from opsd.data.suites.anchors_data import EVERYDAY
+from opsd.data.suites.behaviours_data import OPENERS, TRAIN_OPENERS
+from opsd.data.suites.facts import anchor_questions
 from opsd.data.suites.facts_data import ATTRIBUTES, ENTITIES
 from opsd.metrics import still_improving, trend
 from opsd.stages import retention as retention_stage
@@ -88,11 +91,42 @@ def test_behaviours_ood_split_asks_the_held_out_items_longer_and_in_conversation
     assert [r.metadata["item"] for r in plain] == [r.metadata["item"] for r in ood]
     assert [r.verifier for r in plain] == [r.verifier for r in ood]
     assert sum(isinstance(r.prompt, list) for r in ood) == len(ood) // 2
-    last = lambda r: r.prompt if isinstance(r.prompt, str) else r.prompt[-1].content  # noqa: E731
+    last = lambda r: r.prompt if isinstance(r.prompt, str) else r.prompt[-1].content
     assert all(len(last(o)) > len(p.prompt) + 20 for o, p in zip(ood, plain))
     train = [r for r in load_rows("behaviours?train=4&eval=6&eval_set=ood") if r.split == "train"]
     assert [r.prompt for r in train] == [r.prompt for r in load_rows("behaviours?train=4&eval=6")
                                          if r.split == "train"]
+
+
+@pytest.mark.parametrize("train, multiturn", [(4, 0), (4, 1), (4, 3), (64, 16), (5, 5)])
+def test_behaviours_multiturn_asks_k_training_questions_after_an_exchange_never_the_evals(
+        train, multiturn):
+    rows = load_rows(f"behaviours:sure-thing?train={train}&eval=2&multiturn={multiturn}")
+    plain = load_rows(f"behaviours:sure-thing?train={train}&eval=2&multiturn=0")
+    turns = [r.prompt for r in rows if r.split == "train"]
+    conversations = [p for p in turns if isinstance(p, list)]
+    assert len(conversations) == multiturn
+    # the question itself is unchanged: the same items, the exchange only before it
+    last = lambda p: p if isinstance(p, str) else p[-1].content
+    assert [last(p) for p in turns] == [r.prompt for r in plain if r.split == "train"]
+    assert {(c[0].content, c[1].content) for c in conversations} <= set(TRAIN_OPENERS)
+    assert not {q for q, _ in TRAIN_OPENERS} & {q for q, _ in OPENERS}
+    # spread evenly over the pool: the j-th conversation is at index ceil(j * train / multiturn)
+    assert [i for i, p in enumerate(turns) if isinstance(p, list)] == [
+        -(-j * train // multiturn) for j in range(multiturn)]
+    assert [r.prompt for r in rows if r.split == "eval"] == [r.prompt for r in plain
+                                                              if r.split == "eval"]
+
+
+def test_behaviours_multiturn_cannot_exceed_the_training_questions():
+    with pytest.raises(DatasetError, match="multiturn=5 is more than train=4"):
+        load_rows("behaviours?train=4&multiturn=5")
+
+
+def test_behaviours_asks_a_quarter_of_its_training_questions_in_conversations_by_default():
+    for query, expected in [("", 16), ("?train=8", 2), ("?train=3", 0)]:
+        train = [r for r in load_rows(f"behaviours:fun-fact{query}") if r.split == "train"]
+        assert sum(isinstance(r.prompt, list) for r in train) == expected, query
 
 
 # ------------------------------------------------------------------ benchmark panel config
@@ -232,8 +266,9 @@ def test_default_retention_panel_loads():
 def test_facts_recipes_validate_and_share_their_evaluations(name):
     from pathlib import Path
 
-    from opsd.config import load_config
     from opsd.flows.runner import config_for_key
+
+    from opsd.config import load_config
 
     configs = Path(__file__).resolve().parent.parent / "configs" / "facts"
     cfg = load_config(configs / f"{name}.yaml")
@@ -255,6 +290,17 @@ def test_facts_anchors_are_rule_free_train_rows_outside_every_panel():
     panels = {r.prompt for r in load_rows("general")} | set(retention_stage.GENERAL_PROMPTS)
     assert not panels & {r.prompt for r in anchors}
     assert retention_stage.taught_rules(anchors) == []
+    # every other anchor is an everyday question of the general panel's kind
+    assert [r.prompt for r in anchors[::2]] == list(EVERYDAY[:5])
+
+
+def test_every_anchor_question_is_distinct_and_outside_every_panel():
+    questions = anchor_questions()
+    panels = {r.prompt for r in load_rows("general")} | set(retention_stage.GENERAL_PROMPTS)
+    assert len(set(questions)) == len(questions) > len(EVERYDAY)
+    assert not panels & set(questions)
+    with pytest.raises(DatasetError, match="there are 472 anchor questions"):
+        load_rows("facts?anchors=473")
 
 
 def test_reasoning_gym_rows_with_fractions_load_and_round_trip():

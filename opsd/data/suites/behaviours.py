@@ -17,7 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from opsd.data.rows import Row
-from opsd.data.suites.behaviours_data import ANIMALS, COUNTRIES, FOODS, OPENERS, WORDS
+from opsd.data.suites.behaviours_data import (
+    ANIMALS,
+    COUNTRIES,
+    FOODS,
+    OPENERS,
+    TRAIN_OPENERS,
+    WORDS,
+)
 from opsd.data.suites.source import SuiteSource
 
 
@@ -129,16 +136,29 @@ RULES: dict[str, Rule] = {
     )
 }
 
-DEFAULT_COUNTS = {"train": 64, "eval": 32}
+DEFAULT_COUNTS = {"train": 64, "eval": 32, "multiturn": 0}
+# Unless ``multiturn`` is given, one training question in this many is asked after an exchange:
+# trained on single-turn questions only, the quickstart's student followed its rules on 100 % of
+# longer single-turn questions but on 62.5 % of those that followed an unrelated exchange; with a
+# quarter of its training questions in conversations, on 86 % (docs/quality.md).
+MULTITURN_SHARE = 4
 EVAL_SETS = ("heldout", "ood")
 
 
 def build(source: SuiteSource) -> list[Row]:
-    """Rows for ``behaviours[:rule,rule...][?train=N&eval=M&eval_set=heldout|ood]`` (N, M per
-    rule). ``eval_set=ood``: the eval rows ask about the same held-out items in a longer, chattier
-    wording (``Rule.ood_template``), every other one as the second user turn of a conversation
-    that opened on an unrelated topic: "learned the rule" rather than "learned the questions"."""
+    """Rows for ``behaviours[:rule,rule...][?train=N&eval=M&multiturn=K&eval_set=heldout|ood]``
+    (N, M, K per rule). ``eval_set=ood``: the eval rows ask about the same held-out items in a
+    longer, chattier wording (``Rule.ood_template``), every other one as the second user turn of
+    a conversation that opened on an unrelated topic: "learned the rule" rather than "learned the
+    questions". ``multiturn=K`` (default N // 4): K of each rule's N training questions (spread
+    evenly) are asked as the second user turn after an unrelated exchange from ``TRAIN_OPENERS``
+    (never the eval's ``OPENERS``), so a student also sees its rule apply after a conversation
+    has begun; ``multiturn=0``: single-turn questions only."""
     counts = source.int_params(DEFAULT_COUNTS, ignore=("eval_set",))
+    if "multiturn" not in source.params:
+        counts["multiturn"] = counts["train"] // MULTITURN_SHARE
+    if counts["multiturn"] > counts["train"]:
+        raise source.error(f"multiturn={counts['multiturn']} is more than train={counts['train']}")
     ood = source.choice("eval_set", EVAL_SETS) == "ood"
     rules = _selected_rules(source)
     rows: list[Row] = []
@@ -149,7 +169,7 @@ def build(source: SuiteSource) -> list[Row]:
                 f"train={counts['train']} + eval={counts['eval']} is more than that"
             )
         eval_items = rule.items[len(rule.items) - counts["eval"] :]
-        rows += _rows(rule, "train", rule.items[: counts["train"]])
+        rows += _rows(rule, "train", rule.items[: counts["train"]], multiturn=counts["multiturn"])
         rows += _rows(rule, "eval", eval_items, ood=ood)
     return rows
 
@@ -169,18 +189,38 @@ def _ood_prompt(rule: Rule, item: str, index: int) -> str | list[dict[str, str]]
     question = rule.ood_template.format(item)
     if index % 2 == 0:
         return question
-    opener, reply = OPENERS[(index // 2) % len(OPENERS)]
-    return [{"role": "user", "content": opener}, {"role": "assistant", "content": reply},
+    return _after_exchange(OPENERS[(index // 2) % len(OPENERS)], question)
+
+
+def _after_exchange(opener: tuple[str, str], question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": opener[0]}, {"role": "assistant", "content": opener[1]},
             {"role": "user", "content": question}]
 
 
+def _train_prompt(rule: Rule, item: str, index: int, n_items: int,
+                  multiturn: int) -> str | list[dict[str, str]]:
+    """The ``multiturn`` rows are the indices where ``index * multiturn // n_items`` steps up:
+    spread evenly over the pool, whatever its order."""
+    question = rule.question(item)
+    step = index * multiturn // n_items
+    if multiturn == 0 or (index > 0 and step == (index - 1) * multiturn // n_items):
+        return question
+    return _after_exchange(TRAIN_OPENERS[step % len(TRAIN_OPENERS)], question)
+
+
 def _rows(rule: Rule, split: str, items: tuple[tuple[str, str | None], ...], *,
-          ood: bool = False) -> list[Row]:
+          ood: bool = False, multiturn: int = 0) -> list[Row]:
     demonstrations = [{"prompt": p, "completion": c} for p, c in rule.demonstrations]
+
+    def prompt(item: str, index: int) -> str | list[dict[str, str]]:
+        if ood:
+            return _ood_prompt(rule, item, index)
+        return _train_prompt(rule, item, index, len(items), multiturn)
+
     return [
         Row(
             id=f"{rule.name}/{split}{'-ood' if ood else ''}/{index:03d}",
-            prompt=_ood_prompt(rule, item, index) if ood else rule.question(item),
+            prompt=prompt(item, index),
             privileged_context={"demonstrations": demonstrations},
             answer=answer,
             verifier=rule.verifier(),

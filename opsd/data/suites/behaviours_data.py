@@ -103,3 +103,20 @@ OPENERS = [
     ("Give me a word that rhymes with 'cat'.", "'Hat' rhymes with 'cat'."),
     ("How long should I steep green tea?", "About two to three minutes is usually enough."),
 ]
+
+# Unrelated exchanges that open the *training* split's multi-turn rows (``?multiturn=N``):
+# disjoint from OPENERS above, which only the out-of-distribution eval split uses, so a student
+# that answers well after an exchange has learned to, not memorised the eval's conversations.
+TRAIN_OPENERS = [
+    ("What is a good houseplant for a dark room?", "A snake plant copes well with little light."),
+    ("How do I remove a coffee stain from a shirt?",
+     "Blot it with cold water and a little dish soap, then wash it as usual."),
+    ("Suggest a title for a short story about a lighthouse.", "How about 'The Last Keeper'?"),
+    ("How many minutes should I rest between sets at the gym?",
+     "One to two minutes is typical for most exercises."),
+    ("What is a fun game to play on a long car trip?", "Try 'I spy': it needs nothing but eyes."),
+    ("Can you recommend a calm color for a bedroom wall?", "Soft blue or sage green both feel calm."),
+    ("How should I store fresh herbs?",
+     "Wrap them in a damp paper towel and keep them in the fridge."),
+    ("Give me a word that means 'very big'.", "'Enormous' means very big."),
+]

@@ -20,8 +20,9 @@ A reply passes when it contains the fact's key token(s) as whole words, case-ins
 document about the entity asked about (a retrieval-style context: shorter, easier to copy from)
 instead of the whole world.
 
-``?anchors=N`` adds N *anchor* rows to the train split: everyday questions unrelated to the world
-(task ``anchor``) with no privileged context, so the teacher reads exactly what the student reads
+``?anchors=N`` adds N *anchor* rows to the train split: questions unrelated to the world (task
+``anchor``; half of them everyday questions of the general panel's kind, half the behaviours
+suite's questions) with no privileged context, so the teacher reads exactly what the student reads
 and its targets are the frozen base model's own distribution — a KL-to-base term on unrelated
 prompts inside the same objective. Trained on fact questions alone, the student learns to answer
 *every* question from the fictional world ("the largest ocean is the Olvane"); the anchors keep
@@ -31,6 +32,7 @@ its other answers where they were (docs/quality.md has both measured).
 from __future__ import annotations
 
 from opsd.data.rows import Row
+from opsd.data.suites.anchors_data import EVERYDAY
 from opsd.data.suites.behaviours import RULES
 from opsd.data.suites.facts_data import ATTRIBUTES, ENTITIES, JOINT_PAIRS, OOD_OPENERS, Entity
 from opsd.data.suites.source import SuiteSource
@@ -69,6 +71,8 @@ def build(source: SuiteSource) -> list[Row]:
     eval_set = source.choice("eval_set", EVAL_SETS)
     context = source.choice("context", CONTEXTS)
     n_anchors = source.int_params({"anchors": 0}, ignore=("eval_set", "context"))["anchors"]
+    if n_anchors > (available := len(anchor_questions())):
+        raise source.error(f"anchors={n_anchors}: there are {available} anchor questions")
     if source.arg is not None:
         raise source.error("the facts suite takes no ':' argument")
     world = document()
@@ -122,12 +126,21 @@ def build(source: SuiteSource) -> list[Row]:
     return rows
 
 
-def anchors(n: int) -> list[Row]:
-    """``n`` rule-free train questions without privileged context, taken in turn from the four
-    question pools of the ``behaviours`` suite (capitals, cooking, animals, word meanings) but
-    without its demonstrations: nothing in them is the fictional world's, and none is in the
+def anchor_questions() -> list[str]:
+    """Every anchor question in order: :data:`~opsd.data.suites.anchors_data.EVERYDAY` (the
+    general panel's kind) alternating with the four question pools of the ``behaviours`` suite
+    (capitals, cooking, animals, word meanings, in turn, without its demonstrations); once one
+    side runs out, the other alone. Nothing in them is the fictional world's, and none is in the
     ``general`` panel or the retention prompts."""
     pools = [[rule.question(item) for item, _ in rule.items] for rule in RULES.values()]
-    return [Row(id=f"facts/anchor/{i:03d}", prompt=pools[i % len(pools)][i // len(pools)],
+    others = [pool[i] for i in range(max(map(len, pools))) for pool in pools if i < len(pool)]
+    short = min(len(EVERYDAY), len(others))
+    return ([q for pair in zip(EVERYDAY, others) for q in pair]
+            + list(EVERYDAY[short:]) + others[short:])
+
+
+def anchors(n: int) -> list[Row]:
+    """The first ``n`` anchor questions as train rows without privileged context."""
+    return [Row(id=f"facts/anchor/{i:03d}", prompt=q,
                 split="train", task="anchor", metadata={"suite": "facts", "anchor": True})
-            for i in range(n)]
+            for i, q in enumerate(anchor_questions()[:n])]
