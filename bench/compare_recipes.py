@@ -80,11 +80,17 @@ def run_recipe(name: str, root: str, overrides: list[str], tag: str = "") -> dic
         vals = [m[field] for m in mans if isinstance(m.get(field), (int, float))]
         return sum(vals) if vals else None
     after = {k.rsplit(".", 1)[-1]: v for k, v in metrics.items() if k.startswith("eval.after.greedy.")}
+    # eval.<policy>.<benchmark>.greedy: the recipe's eval.benchmarks (e.g. behaviours-ood)
+    benchmarks = {k.split(".")[2]: {p: metrics.get(f"eval.{p}.{k.split('.')[2]}.greedy")
+                                    for p in ("before", "after", "teacher")}
+                  for k in metrics if k.startswith("eval.after.") and k.endswith(".greedy")
+                  and k.count(".") == 3}
     return {
         "recipe": name + tag, "run_id": run_id, "overrides": overrides, "mode": cfg.mode,
         "objective": cfg.train.objective, "data": cfg.data.source,
         "before": metrics.get("eval.before.greedy"), "after": metrics.get("eval.after.greedy"),
         "teacher": metrics.get("eval.teacher.greedy"), "after_by_task": after,
+        "benchmarks": benchmarks,
         "retention_logprob_delta": metrics.get("retention.logprob_delta"),
         "retention_exact_match": metrics.get("retention.exact_match"),
         "retention_panel_delta": metrics.get("retention.panel_delta"),
@@ -146,6 +152,16 @@ def markdown(results: list[dict], meta: dict) -> str:
             if "error" not in r:
                 lines.append(f"| {r['recipe']} | " + " | ".join(_pct(r["after_by_task"].get(t))
                                                              for t in tasks) + " |")
+    names = sorted({b for r in results for b in r.get("benchmarks", {})})
+    if names:
+        lines += ["", "Benchmarks (`eval.benchmarks`), greedy pass rate before → after (teacher):", "",
+                  "| recipe | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for r in results:
+            if "error" not in r:
+                cells = [r.get("benchmarks", {}).get(b) for b in names]
+                lines.append(f"| {r['recipe']} | " + " | ".join(
+                    f"{_pct(c['before'])} → **{_pct(c['after'])}** ({_pct(c['teacher'])})" if c else "-"
+                    for c in cells) + " |")
     lines += ["", "`before`/`after`: the student without privileged context (greedy held-out pass rate, "
               "macro over the data's tasks: the four rules of `behaviours`, 128 held-out questions); "
               "`teacher (PI)`: the same base model with its privileged context. `general panel Δ`: "
