@@ -17,14 +17,19 @@ def test_builtin_suite_names() -> None:
     assert set(BUILTIN_SUITES) == {"behaviours", "facts", "general", "reasoning_gym"}
 
 
+def _question(prompt) -> str:
+    """The question a row asks: the prompt, or a conversation's last user turn."""
+    return prompt if isinstance(prompt, str) else prompt[-1].content
+
+
 def test_behaviours_default_sizes_and_fixed_split() -> None:
     rows = load_rows("behaviours")
     assert load_rows("behaviours", seed=123) == rows  # the split does not depend on the seed
     counts = Counter((r.task, r.split) for r in rows)
     assert counts == {(rule, split): n for rule in RULES for split, n in (("train", 64), ("eval", 32))}
     for rule in RULES:
-        train = [r.prompt for r in rows if r.task == rule and r.split == "train"]
-        eval_ = [r.prompt for r in rows if r.task == rule and r.split == "eval"]
+        train = [_question(r.prompt) for r in rows if r.task == rule and r.split == "train"]
+        eval_ = [_question(r.prompt) for r in rows if r.task == rule and r.split == "eval"]
         assert len(set(train)) == 64 and len(set(eval_)) == 32
         assert not set(train) & set(eval_)
     assert len({r.id for r in rows}) == len(rows)
@@ -34,7 +39,9 @@ def test_behaviours_default_sizes_and_fixed_split() -> None:
 def test_behaviours_eval_is_the_end_of_each_pool() -> None:
     rows = load_rows("behaviours")
     capitals = [r for r in rows if r.task == "sure-thing"]
-    assert capitals[0].prompt == f"What is the capital of {COUNTRIES[0][0]}?"
+    # a quarter of the training questions come after an exchange (the first one among them)
+    assert _question(capitals[0].prompt) == f"What is the capital of {COUNTRIES[0][0]}?"
+    assert capitals[1].prompt == f"What is the capital of {COUNTRIES[1][0]}?"
     assert capitals[0].answer == COUNTRIES[0][1]
     assert capitals[-1].prompt == f"What is the capital of {COUNTRIES[-1][0]}?" and capitals[-1].split == "eval"
     assert all(r.answer is None for r in rows if r.task != "sure-thing")
