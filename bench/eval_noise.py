@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bench.machine import warn_if_busy
+    from opsd.context.render import student_ids
     from opsd.data import load_rows, verify
     from opsd.models import resolve_model_path
 
@@ -37,19 +38,14 @@ def main(argv: list[str] | None = None) -> dict:
     tok.padding_side = "left"
     rows = [r for r in load_rows(args.source) if r.split == "eval" and r.verifier is not None]
 
-    def chat(row) -> str:
-        turns = ([{"role": "user", "content": row.prompt}] if isinstance(row.prompt, str)
-                 else [{"role": m.role, "content": m.content} for m in row.prompt])
-        return tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-
-    texts = [chat(r) for r in rows]
+    prompts = [student_ids(tok, r) for r in rows]  # the prompts opsd's evaluate stage renders
     verdicts: dict[tuple[str, int], list[bool]] = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
         for bs in args.batch_sizes:
             t0, ok = time.perf_counter(), []
-            for i in range(0, len(texts), bs):
-                enc = tok(texts[i:i + bs], return_tensors="pt", padding=True, add_special_tokens=False)
+            for i in range(0, len(prompts), bs):
+                enc = tok.pad({"input_ids": prompts[i:i + bs]}, return_tensors="pt")
                 with torch.no_grad():
                     out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
                                          pad_token_id=tok.pad_token_id)

@@ -31,16 +31,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="JSON object over rollout.guidance (and temperature); repeatable")
     args = ap.parse_args(argv)
 
-    from opsd.stages import rollout as rollout_stage
-    from opsd.stages.common import StageContext
-    from opsd.storage.parquet import read_table
-
     from bench.machine import warn_if_busy
     from opsd.config import load_config
     from opsd.data import load_rows
     from opsd.device import resolve_device
     from opsd.models import resolve_model_path
     from opsd.pool import ModelPool, base_policy
+    from opsd.stages import rollout as rollout_stage
+    from opsd.stages.common import StageContext
+    from opsd.storage.parquet import read_table
 
     warn_if_busy()
     cfg = load_config(args.recipe)

@@ -91,7 +91,7 @@ def test_behaviours_ood_split_asks_the_held_out_items_longer_and_in_conversation
     assert [r.metadata["item"] for r in plain] == [r.metadata["item"] for r in ood]
     assert [r.verifier for r in plain] == [r.verifier for r in ood]
     assert sum(isinstance(r.prompt, list) for r in ood) == len(ood) // 2
-    last = lambda r: r.prompt if isinstance(r.prompt, str) else r.prompt[-1].content
+    last = lambda r: r.prompt if isinstance(r.prompt, str) else r.prompt[-1].content  # noqa: E731
     assert all(len(last(o)) > len(p.prompt) + 20 for o, p in zip(ood, plain))
     train = [r for r in load_rows("behaviours?train=4&eval=6&eval_set=ood") if r.split == "train"]
     assert [r.prompt for r in train] == [r.prompt for r in load_rows("behaviours?train=4&eval=6")
@@ -107,7 +107,7 @@ def test_behaviours_multiturn_asks_k_training_questions_after_an_exchange_never_
     conversations = [p for p in turns if isinstance(p, list)]
     assert len(conversations) == multiturn
     # the question itself is unchanged: the same items, the exchange only before it
-    last = lambda p: p if isinstance(p, str) else p[-1].content
+    last = lambda p: p if isinstance(p, str) else p[-1].content  # noqa: E731
     assert [last(p) for p in turns] == [r.prompt for r in plain if r.split == "train"]
     assert {(c[0].content, c[1].content) for c in conversations} <= set(TRAIN_OPENERS)
     assert not {q for q, _ in TRAIN_OPENERS} & {q for q, _ in OPENERS}
@@ -266,9 +266,8 @@ def test_default_retention_panel_loads():
 def test_facts_recipes_validate_and_share_their_evaluations(name):
     from pathlib import Path
 
-    from opsd.flows.runner import config_for_key
-
     from opsd.config import load_config
+    from opsd.flows.runner import config_for_key
 
     configs = Path(__file__).resolve().parent.parent / "configs" / "facts"
     cfg = load_config(configs / f"{name}.yaml")

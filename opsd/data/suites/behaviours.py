@@ -199,13 +199,12 @@ def _after_exchange(opener: tuple[str, str], question: str) -> list[dict[str, st
 
 def _train_prompt(rule: Rule, item: str, index: int, n_items: int,
                   multiturn: int) -> str | list[dict[str, str]]:
-    """The ``multiturn`` rows are the indices where ``index * multiturn // n_items`` steps up:
-    spread evenly over the pool, whatever its order."""
+    """The ``multiturn`` rows are the indices where ``index * multiturn // n_items`` steps up
+    (``index * multiturn mod n_items < multiturn``): spread evenly over the pool."""
     question = rule.question(item)
-    step = index * multiturn // n_items
-    if multiturn == 0 or (index > 0 and step == (index - 1) * multiturn // n_items):
+    if index * multiturn % n_items >= multiturn:
         return question
-    return _after_exchange(TRAIN_OPENERS[step % len(TRAIN_OPENERS)], question)
+    return _after_exchange(TRAIN_OPENERS[index * multiturn // n_items % len(TRAIN_OPENERS)], question)
 
 
 def _rows(rule: Rule, split: str, items: tuple[tuple[str, str | None], ...], *,
