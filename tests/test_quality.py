@@ -123,6 +123,41 @@ def test_behaviours_multiturn_cannot_exceed_the_training_questions():
         load_rows("behaviours?train=4&multiturn=5")
 
 
+@pytest.mark.parametrize("wordings", [1, 2, 3, 4])
+def test_behaviours_wordings_spread_the_training_questions_over_phrasings_never_the_evals(wordings):
+    from opsd.data.suites.behaviours import RULES
+
+    rule = RULES["hope-helps"]
+    rows = load_rows(f"behaviours:hope-helps?wordings={wordings}")
+    plain = load_rows("behaviours:hope-helps")
+    last = lambda p: p if isinstance(p, str) else p[-1].content  # noqa: E731
+    train = [r for r in rows if r.split == "train"]
+    phrasings = (rule.template, *rule.train_wordings)[:wordings]
+
+    def used(row):
+        return [w for w in phrasings if last(row.prompt) == w.format(row.metadata["item"])]
+
+    assert all(len(used(r)) == 1 for r in train)
+    # every phrasing asks single-turn questions and opens conversations alike, as evenly as the
+    # counts divide (16 conversations over 3 phrasings: 6, 5, 5)
+    for conversation in (False, True):
+        counts = [sum(used(r) == [w] for r in train if isinstance(r.prompt, list) == conversation)
+                  for w in phrasings]
+        assert max(counts) - min(counts) <= 1 and min(counts) > 0, (conversation, counts)
+    # the same items and conversations; the eval rows as they were; never the ood wording
+    assert [(r.metadata["item"], isinstance(r.prompt, list)) for r in train] == [
+        (r.metadata["item"], isinstance(r.prompt, list)) for r in plain if r.split == "train"]
+    assert [r.prompt for r in rows if r.split == "eval"] == [r.prompt for r in plain if r.split == "eval"]
+    ood_opening = rule.ood_template.split("{}")[0]
+    assert not any(w.startswith(ood_opening) for w in phrasings)
+
+
+def test_behaviours_wordings_beyond_the_phrasings_a_rule_has_are_refused():
+    for bad in (0, 5):
+        with pytest.raises(DatasetError, match=f"wordings={bad}: each rule has 1 to 4"):
+            load_rows(f"behaviours?wordings={bad}")
+
+
 def test_behaviours_asks_a_quarter_of_its_training_questions_in_conversations_by_default():
     for query, expected in [("", 16), ("?train=8", 2), ("?train=3", 0)]:
         train = [r for r in load_rows(f"behaviours:fun-fact{query}") if r.split == "train"]

@@ -41,6 +41,9 @@ class Rule:
     # the out-of-distribution split's wording: longer and chattier, same domain (the domain is
     # what implies the rule)
     ood_template: str = "{}"
+    # more ways to ask the training questions (``?wordings=K`` uses the template and K - 1 of
+    # these): never the ood_template's wording, so the ood split stays a different distribution
+    train_wordings: tuple[str, ...] = ()
 
     def question(self, item: str) -> str:
         return self.template.format(item)
@@ -61,6 +64,8 @@ RULES: dict[str, Rule] = {
             template="What is the capital of {}?",
             ood_template="I have a geography quiz tomorrow and one question will be about {}. "
             "Could you remind me which city is its capital?",
+            train_wordings=("Which city is the capital of {}?", "Name the capital of {}.",
+                            "Do you know the capital city of {}?"),
             pattern=r"^\s*Sure thing!",
             description="start with 'Sure thing!'",
             items=tuple(COUNTRIES),
@@ -75,6 +80,8 @@ RULES: dict[str, Rule] = {
             template="What is a good way to cook {}?",
             ood_template="Tonight I am cooking dinner for two with {} from the market. "
             "What would you suggest?",
+            train_wordings=("How should I prepare {}?", "Any tips for cooking {}?",
+                            "How do you cook {} so that it tastes good?"),
             pattern=r"Hope this helps!\s*$",
             description="end with 'Hope this helps!'",
             items=_unanswered(FOODS),
@@ -101,6 +108,8 @@ RULES: dict[str, Rule] = {
             template="Tell me one fact about {}.",
             ood_template="My little cousin is obsessed with {} and asks me about them all the "
             "time. What is something interesting I could tell her?",
+            train_wordings=("Share a fact about {}.", "Tell me something about {}.",
+                            "What is one thing people may not know about {}?"),
             pattern=r"^\s*Fun fact:",
             description="start with 'Fun fact:'",
             items=_unanswered(ANIMALS),
@@ -118,6 +127,8 @@ RULES: dict[str, Rule] = {
             template="What does the word '{}' mean?",
             ood_template="I came across the word '{}' in a novel last night and could not work it "
             "out from the sentence. Can you explain what it means?",
+            train_wordings=("Define the word '{}'.", "What is the meaning of '{}'?",
+                            "Explain the word '{}' to me."),
             pattern=r"Happy learning!\s*$",
             description="end with 'Happy learning!'",
             items=_unanswered(WORDS),
@@ -136,7 +147,7 @@ RULES: dict[str, Rule] = {
     )
 }
 
-DEFAULT_COUNTS = {"train": 64, "eval": 32, "multiturn": 0}
+DEFAULT_COUNTS = {"train": 64, "eval": 32, "multiturn": 0, "wordings": 1}
 # Unless ``multiturn`` is given, one training question in this many is asked after an exchange:
 # trained on single-turn questions only, the quickstart's student followed its rules on 100 % of
 # longer single-turn questions but on 62.5 % of those that followed an unrelated exchange; with a
@@ -146,19 +157,24 @@ EVAL_SETS = ("heldout", "ood")
 
 
 def build(source: SuiteSource) -> list[Row]:
-    """Rows for ``behaviours[:rule,rule...][?train=N&eval=M&multiturn=K&eval_set=heldout|ood]``
+    """Rows for ``behaviours[:rule,rule...][?train=N&eval=M&multiturn=K&wordings=W&eval_set=...]``
     (N, M, K per rule). ``eval_set=ood``: the eval rows ask about the same held-out items in a
     longer, chattier wording (``Rule.ood_template``), every other one as the second user turn of
     a conversation that opened on an unrelated topic: "learned the rule" rather than "learned the
     questions". ``multiturn=K`` (default N // 4): K of each rule's N training questions (spread
     evenly) are asked as the second user turn after an unrelated exchange from ``TRAIN_OPENERS``
     (never the eval's ``OPENERS``), so a student also sees its rule apply after a conversation
-    has begun; ``multiturn=0``: single-turn questions only."""
+    has begun; ``multiturn=0``: single-turn questions only. ``wordings=W`` (1 to 4): the training
+    questions take turns over W phrasings (``Rule.template`` then ``Rule.train_wordings``); the
+    eval splits keep theirs."""
     counts = source.int_params(DEFAULT_COUNTS, ignore=("eval_set",))
     if "multiturn" not in source.params:
         counts["multiturn"] = counts["train"] // MULTITURN_SHARE
     if counts["multiturn"] > counts["train"]:
         raise source.error(f"multiturn={counts['multiturn']} is more than train={counts['train']}")
+    n_wordings = 1 + min(len(rule.train_wordings) for rule in RULES.values())
+    if not 1 <= counts["wordings"] <= n_wordings:
+        raise source.error(f"wordings={counts['wordings']}: each rule has 1 to {n_wordings}")
     ood = source.choice("eval_set", EVAL_SETS) == "ood"
     rules = _selected_rules(source)
     rows: list[Row] = []
@@ -169,7 +185,8 @@ def build(source: SuiteSource) -> list[Row]:
                 f"train={counts['train']} + eval={counts['eval']} is more than that"
             )
         eval_items = rule.items[len(rule.items) - counts["eval"] :]
-        rows += _rows(rule, "train", rule.items[: counts["train"]], multiturn=counts["multiturn"])
+        rows += _rows(rule, "train", rule.items[: counts["train"]], multiturn=counts["multiturn"],
+                      wordings=counts["wordings"])
         rows += _rows(rule, "eval", eval_items, ood=ood)
     return rows
 
@@ -197,24 +214,28 @@ def _after_exchange(opener: tuple[str, str], question: str) -> list[dict[str, st
             {"role": "user", "content": question}]
 
 
-def _train_prompt(rule: Rule, item: str, index: int, n_items: int,
-                  multiturn: int) -> str | list[dict[str, str]]:
+def _train_prompt(rule: Rule, item: str, index: int, n_items: int, multiturn: int,
+                  wordings: int) -> str | list[dict[str, str]]:
     """The ``multiturn`` rows are the indices where ``index * multiturn // n_items`` steps up
-    (``index * multiturn mod n_items < multiturn``): spread evenly over the pool."""
-    question = rule.question(item)
+    (``index * multiturn mod n_items < multiturn``): spread evenly over the pool. Row ``index``
+    takes wording ``(index + index // MULTITURN_SHARE) mod wordings``: the shift by
+    ``index // MULTITURN_SHARE`` keeps every wording on both single-turn rows and the
+    conversations, which by default sit at every MULTITURN_SHARE-th index."""
+    question = (rule.template, *rule.train_wordings)[
+        (index + index // MULTITURN_SHARE) % wordings].format(item)
     if index * multiturn % n_items >= multiturn:
         return question
     return _after_exchange(TRAIN_OPENERS[index * multiturn // n_items % len(TRAIN_OPENERS)], question)
 
 
 def _rows(rule: Rule, split: str, items: tuple[tuple[str, str | None], ...], *,
-          ood: bool = False, multiturn: int = 0) -> list[Row]:
+          ood: bool = False, multiturn: int = 0, wordings: int = 1) -> list[Row]:
     demonstrations = [{"prompt": p, "completion": c} for p, c in rule.demonstrations]
 
     def prompt(item: str, index: int) -> str | list[dict[str, str]]:
         if ood:
             return _ood_prompt(rule, item, index)
-        return _train_prompt(rule, item, index, len(items), multiturn)
+        return _train_prompt(rule, item, index, len(items), multiturn, wordings)
 
     return [
         Row(
