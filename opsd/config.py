@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -816,6 +817,13 @@ class TrainConfig(_Strict):
         "constant", description="LR schedule after warm-up."
     )
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    trainable: str | None = Field(
+        None,
+        description="Train only the parameters whose name this regex finds (re.search); the rest "
+        "keep the base weights and get no AdamW state. E.g. 'mlp' (the MLP blocks), "
+        "'layers\\.(1[6-9]|2[0-9])\\.' (the upper layers). None: all of them. A regex that "
+        "finds no parameter is an error at train time.",
+    )
     temperature: float = Field(
         1.0, gt=0.0, le=10.0,
         description="Temperature of the student's (and a live teacher's) logits in the loss; must "
@@ -920,6 +928,16 @@ class TrainConfig(_Strict):
     def live_teacher(self) -> bool:
         """True when the teacher's logits are computed during training (not read from the cache)."""
         return objective_registry.get(self.objective).needs_live_teacher(self)
+
+    @field_validator("trainable")
+    @classmethod
+    def _trainable_compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"train.trainable {v!r} is not a regular expression: {e}") from None
+        return v
 
     @model_validator(mode="after")
     def _objective_consistent(self) -> "TrainConfig":

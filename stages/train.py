@@ -297,6 +297,9 @@ def run(
         "autocast": done.get("autocast"),
         "activation_checkpointing": done.get("activation_checkpointing"),
         "init": done.get("init"),
+        # parameters trained (train.trainable) of all the model's
+        "trainable_params": done.get("trainable_params"),
+        "params": done.get("params"),
         "wrapper": done.get("wrapper"),
         # world_size > 1: parameter / AdamW-moment elements and peak RSS of every rank
         "per_rank": done.get("per_rank"),
@@ -406,6 +409,7 @@ def train_local(cfg: TrainConfig, rollouts: Artifact, targets: Artifact, init: P
                "autocast": resolve_dtype(cfg.autocast, trainer.device) if cfg.autocast != "none"
                else "none", "activation_checkpointing": trainer.checkpointing.summary(),
                "init": init_how,
+               "trainable_params": trainer.n_trainable, "params": trainer.n_params,
                # what reduced the gradients: DistributedDataParallel's reducer, or FSDP2
                "wrapper": type(trainer.forward).__name__ if trainer.forward is not None else None}
     if dist is not None:

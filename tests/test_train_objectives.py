@@ -173,6 +173,25 @@ def test_attention_kernel_auto_switches_by_length_and_restores(tiny_model_dir):
     torch.testing.assert_close(outs["short"], outs["long"], atol=1e-5, rtol=1e-4)  # same math
 
 
+def test_trainable_trains_exactly_the_parameters_its_regex_finds(artifacts):
+    before = {k: v.clone() for k, v in artifacts["pool"].master(artifacts["policy"]).state_dict().items()}
+    man, model = train_on(artifacts, "trainable-mlp", objective="forward_kl_topk", trainable=r"\.mlp\.")
+    after = model.state_dict()
+    moved = {k for k, v in before.items() if not torch.equal(after[k], v)}
+    assert moved == {k for k in before if ".mlp." in k}
+    assert 0 < man["trainable_params"] < man["params"]
+    assert man["trainable_params"] == sum(before[k].numel() for k in moved)
+
+
+def test_a_trainable_regex_is_checked_before_anything_trains(artifacts):
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError, match="not a regular expression"):
+        TrainConfig.model_validate({"trainable": "mlp("})
+    with pytest.raises(ValueError, match="finds none of the model's .* parameter names"):
+        train_on(artifacts, "trainable-none", trainable="no_such_block")
+    assert not (artifacts["base"] / "train-trainable-none" / "model").exists()
+
+
 def test_online_steps_load_examples_with_the_runs_config(artifacts):
     """Online iterations train on examples loaded with the run's train config (audit: the
     online loop loaded them without it, so scope_tau / advantage_eps fell back to defaults).
