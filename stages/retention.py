@@ -103,6 +103,10 @@ def taught_rules(rows: list[Row]) -> list[RegexVerifier]:
     return list(seen.values())
 
 
+class PanelMismatch(ValueError):
+    """The base model's panel answers are for other questions than the panel asks now."""
+
+
 @dataclass(frozen=True)
 class Stripped:
     """A trained reply with its taught spans removed, and where they were."""
@@ -231,6 +235,7 @@ def run(cfg: RetentionConfig, base_art: Artifact, policy: Policy, ctx: StageCont
     """Score ``policy`` against the base references of ``base_art`` (see the module docs);
     ``taught``: the run's taught rules (:func:`taught_rules`), whose spans are left out."""
     t0 = time.perf_counter()
+    _check_panel(cfg, base_art)
     rules = list(taught or []) if cfg.exclude_taught else []
     t = read_table(base_art.path / REPLIES_FILE).to_pydict()
     prompts, base_replies = t["prompt_ids"], t["response_ids"]
@@ -290,6 +295,22 @@ def _text_metrics(base_art: Artifact, model, tokenizer, cfg: RetentionConfig) ->
     new = _reference_text(model, tokenizer, cfg)
     return {"text_logprob": token_mean(new), "text_base_logprob": token_mean(base),
             "text_logprob_delta": token_mean(new) - token_mean(base)}
+
+
+def _check_panel(cfg: RetentionConfig, base_art: Artifact) -> None:
+    """Under one key the panel's rows can differ from the base's only when a built-in suite was
+    edited while the code version was pinned (OPSD_CODE_VERSION): two pass rates over different
+    questions are no retention figure, so that is refused before anything is evaluated."""
+    if not cfg.panel:
+        return
+    asked = {r.id for r in panel_rows(cfg)}
+    answered = set(read_table(base_art.path / PANEL_DIR, columns=["row_id"]).to_pydict()["row_id"])
+    if asked != answered:
+        raise PanelMismatch(
+            f"the base model's panel answers ({base_art.path / PANEL_DIR}) cover "
+            f"{len(answered)} questions, the panel asks {len(asked)} ({len(asked - answered)} "
+            "of them new): its rows changed under the same key. Unset or change OPSD_CODE_VERSION "
+            "so that the base's panel is evaluated again.")
 
 
 def _panel_metrics(cfg: RetentionConfig, base_art: Artifact, policy: Policy, ctx: StageContext,

@@ -48,6 +48,13 @@ def test_base_model_retains_itself_and_a_changed_model_does_not(tiny_model_dir, 
     assert same["text_logprob_delta"] == pytest.approx(0.0, abs=1e-6)
     assert man_b["text_base_logprob"] < 0
 
+    # a panel whose rows changed under the same key (a suite edited with the code version
+    # pinned) is refused, not compared with the base's answers to other questions
+    grown = cfg.model_copy(update={"panel": ["reasoning_gym:leg_counting?train=0&eval=5",
+                                             "reasoning_gym:syllogism?train=0&eval=3"]})
+    with pytest.raises(retention_stage.PanelMismatch, match="cover 7 questions, the panel asks 8"):
+        retention_stage.run(grown, base_art, base, _ctx(tmp_path / "grown", pool))
+
     # a perturbed copy: its greedy replies drift and it finds the base replies less likely
     changed = copy.deepcopy(pool.master(base))
     torch.manual_seed(0)
