@@ -922,6 +922,8 @@ class TrainConfig(_Strict):
         out = {"epochs"} if self.steps is not None else {"steps"}
         if not self.reviser.enabled:
             out.add("reviser")  # off: keys of recipes older than the section stay
+        if self.trainable is None:
+            out.add("trainable")  # likewise: training all parameters keeps the older keys
         return out
 
     @property

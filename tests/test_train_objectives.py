@@ -187,6 +187,9 @@ def test_a_trainable_regex_is_checked_before_anything_trains(artifacts):
     from pydantic import ValidationError
     with pytest.raises(ValidationError, match="not a regular expression"):
         TrainConfig.model_validate({"trainable": "mlp("})
+    # unset, it stays out of the train stage's key (artifacts trained before the field keep theirs)
+    assert "trainable" not in TrainConfig().key_dict()
+    assert TrainConfig(trainable="mlp").key_dict()["trainable"] == "mlp"
     with pytest.raises(ValueError, match="finds none of the model's .* parameter names"):
         train_on(artifacts, "trainable-none", trainable="no_such_block")
     assert not (artifacts["base"] / "train-trainable-none" / "model").exists()
