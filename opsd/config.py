@@ -1052,9 +1052,9 @@ class EvalConfig(_Strict):
 
 
 # Held-out general-capability panel of the retention check, unrelated to every built-in suite:
-# 48 everyday general-knowledge questions (SmolLM2-135M-Instruct answers 60 % greedily, so a drop
-# shows) and two reasoning-gym tasks with a seed no suite uses by default (near 0 % at 135M -
-# docs/quality.md - but the check larger models need).
+# 200 everyday general-knowledge questions (SmolLM2-135M-Instruct answers 56 % greedily in fp32,
+# so a drop shows; one question is half a point) and two reasoning-gym tasks with a seed no suite
+# uses by default (near 0 % at 135M - docs/quality.md - but the check larger models need).
 DEFAULT_PANEL = (
     "general",
     "reasoning_gym:sentence_reordering?train=0&eval=16&seed=101",

@@ -281,7 +281,7 @@ def test_trend_and_still_improving():
 
 def test_general_suite_is_eval_only_and_keyed_on_the_answer():
     rows = load_rows("general")
-    assert len(rows) == 48 and {r.split for r in rows} == {"eval"}
+    assert len(rows) == 200 and {r.split for r in rows} == {"eval"}
     for r in rows:
         assert verify(r.verifier, f"Sure thing! It is {r.answer}. Hope this helps!", r).passed, r.id
         assert not verify(r.verifier, "I do not know.", r).passed, r.id
@@ -294,7 +294,7 @@ def test_default_retention_panel_loads():
 
     rows = retention_stage.panel_rows(RetentionConfig())
     tasks = Counter(r.task for r in rows)
-    assert tasks["general"] == 48 and len(tasks) == 3
+    assert tasks["general"] == 200 and len(tasks) == 3
 
 
 @pytest.mark.parametrize("name", ["opsd", "sft"])
