@@ -97,6 +97,22 @@ def test_fsdp_two_gloo_ranks_match_one_process(artifacts, objective):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_frozen_parameters_train_the_same_on_two_ranks_and_stay_frozen(artifacts, sharding):
+    """``train.trainable``: the ranks freeze the same parameters before DDP/FSDP wrap the model,
+    so two ranks train exactly what one process does and the frozen ones keep the base weights."""
+    one = _one_process(artifacts, "forward_kl_topk", trainable=r"\.mlp\.")
+    two = _run(artifacts, f"{sharding}-mlp", 2, "forward_kl_topk", sharding=sharding,
+               trainable=r"\.mlp\.")
+    _assert_same_training(artifacts, one, two, f"{sharding} mlp only")
+    base = artifacts["pool"].master(artifacts["policy"]).state_dict()
+    for _, weights, _ in (one, two):
+        moved = {k for k in weights if k in base and not torch.equal(weights[k], base[k])}
+        assert moved and all(".mlp." in k for k in moved), sorted(moved)[:4]
+    assert two[0]["trainable_params"] == one[0]["trainable_params"] < one[0]["params"]
+
+
+@pytest.mark.timeout(300)
 def test_fsdp_ragged_batches_match_one_process(artifacts):
     """Batches of 5 in micro-batches of 2: one rank gets 3 examples (2 micro-batches), the other
     2 (1) — under FSDP the short rank runs a zero-weight micro-batch so the collectives match."""
