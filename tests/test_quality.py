@@ -333,8 +333,8 @@ def test_every_anchor_question_is_distinct_and_outside_every_panel():
     panels = {r.prompt for r in load_rows("general")} | set(retention_stage.GENERAL_PROMPTS)
     assert len(set(questions)) == len(questions) > len(EVERYDAY)
     assert not panels & set(questions)
-    with pytest.raises(DatasetError, match="there are 472 anchor questions"):
-        load_rows("facts?anchors=473")
+    with pytest.raises(DatasetError, match=f"there are {len(questions)} anchor questions"):
+        load_rows(f"facts?anchors={len(questions) + 1}")
 
 
 def test_reasoning_gym_rows_with_fractions_load_and_round_trip():
