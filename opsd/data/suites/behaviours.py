@@ -220,16 +220,12 @@ def _train_prompt(rule: Rule, item: str, index: int, n_items: int, multiturn: in
     (``index * multiturn mod n_items < multiturn``): spread evenly over the pool. Row ``index``
     takes wording ``(index + index // MULTITURN_SHARE) mod wordings``: the shift by
     ``index // MULTITURN_SHARE`` keeps every wording on both single-turn rows and the
-    conversations, which by default sit at every MULTITURN_SHARE-th index. The j-th conversation
-    of the r-th rule (in ``RULES`` order) opens with exchange ``(j + r * multiturn) mod
-    len(TRAIN_OPENERS)``: each rule runs through its own stretch of the pool, so its
-    conversations open differently from one another as long as ``multiturn`` allows."""
+    conversations, which by default sit at every MULTITURN_SHARE-th index."""
     question = (rule.template, *rule.train_wordings)[
         (index + index // MULTITURN_SHARE) % wordings].format(item)
     if index * multiturn % n_items >= multiturn:
         return question
-    j = index * multiturn // n_items + list(RULES).index(rule.name) * multiturn
-    return _after_exchange(TRAIN_OPENERS[j % len(TRAIN_OPENERS)], question)
+    return _after_exchange(TRAIN_OPENERS[index * multiturn // n_items % len(TRAIN_OPENERS)], question)
 
 
 def _rows(rule: Rule, split: str, items: tuple[tuple[str, str | None], ...], *,

@@ -107,8 +107,6 @@ OPENERS = [
 # Unrelated exchanges that open the *training* split's multi-turn rows (``?multiturn=N``):
 # disjoint from OPENERS above, which only the out-of-distribution eval split uses, so a student
 # that answers well after an exchange has learned to, not memorised the eval's conversations.
-# 32 of them (8 until 2026-12-01): each rule's conversations start from its own run of the pool
-# (behaviours._train_prompt), so the default 16 per rule are 16 different exchanges.
 TRAIN_OPENERS = [
     ("What is a good houseplant for a dark room?", "A snake plant copes well with little light."),
     ("How do I remove a coffee stain from a shirt?",
@@ -121,36 +119,4 @@ TRAIN_OPENERS = [
     ("How should I store fresh herbs?",
      "Wrap them in a damp paper towel and keep them in the fridge."),
     ("Give me a word that means 'very big'.", "'Enormous' means very big."),
-    ("What is a good name for a sailing boat?", "How about 'Sea Breeze'?"),
-    ("How can I fall asleep faster?", "Keep a regular bedtime and put your phone away an hour before."),
-    ("What should I pack for a weekend hike?", "Water, snacks, a map, a rain jacket and sturdy shoes."),
-    ("Suggest a name for a book club.", "How about 'Between the Lines'?"),
-    ("How often should I water a cactus?", "About once every two to three weeks, less in winter."),
-    ("What is a good way to remember a new password?",
-     "Turn a sentence you like into its first letters and add a number."),
-    ("Can you think of a slogan for a bike repair shop?", "'We keep you rolling.'"),
-    ("How do I stop my glasses from fogging up?",
-     "Rub a drop of dish soap on the lenses and wipe it off."),
-    ("What is a nice gift for a coworker who is leaving?",
-     "A good notebook and a handwritten card are always welcome."),
-    ("How can I make my phone battery last longer?",
-     "Lower the screen brightness and close the apps you do not use."),
-    ("Name a board game for four players.", "Settlers of Catan works well with four."),
-    ("What is an easy stretch for a stiff neck?",
-     "Slowly tilt your head toward each shoulder and hold it for twenty seconds."),
-    ("Suggest a theme for a birthday party.", "A retro eighties night is always fun."),
-    ("How do I keep cut flowers fresh?", "Trim the stems and change the water every two days."),
-    ("What is a good habit for studying?", "Work in short blocks with a five-minute break after each."),
-    ("Can you suggest a team name for a quiz night?", "How about 'The Know-It-Alls'?"),
-    ("What should I do if my laptop is running slowly?",
-     "Restart it and check which programs use the most memory."),
-    ("How can I get better at remembering names?",
-     "Repeat a name back when you hear it and use it once more in the conversation."),
-    ("What is a good first song to learn on the piano?", "'Ode to Joy' is simple and sounds lovely."),
-    ("How do I fold a fitted sheet?", "Tuck the corners into each other, then fold it into a rectangle."),
-    ("What is a polite way to decline an invitation?",
-     "Thank them warmly and say you already have plans that day."),
-    ("Suggest a hobby I can do at home.", "Try sketching: all you need is a pencil and paper."),
-    ("How can I keep my desk tidy?", "Give everything a place and clear the desk at the end of each day."),
-    ("What is a good way to start a speech?", "Open with a short story or a question to the audience."),
 ]
