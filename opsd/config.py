@@ -784,6 +784,37 @@ class ReviserConfig(_Strict):
         return self.weight > 0
 
 
+class LoraConfig(_Strict):
+    """Low-rank adapters (LoRA, Hu et al. 2021; opsd.training.lora): the targeted linear layers
+    train a rank-r update ``(alpha / r) · B A`` beside their frozen weights, and the stage folds it
+    back in when training ends, so the checkpoint it writes is a plain one of the base
+    architecture. Offline mode on one process or DDP ranks."""
+
+    rank: int = Field(0, ge=0, le=4096, description="Adapter rank r; 0: off (train the weights).")
+    alpha: float = Field(
+        32.0, gt=0.0, le=1e6,
+        description="Scale numerator: the update is (alpha / rank) B A, so the learning rate "
+        "that suits one rank roughly suits another at a fixed alpha.")
+    targets: str = Field(
+        r"(q|k|v|o|gate|up|down)_proj$",
+        description="Regex (re.search) over module names of the linear layers that get adapters; "
+        "the default takes every attention and MLP projection of Llama/Qwen-style models. The "
+        "output embedding never does.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_compile(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"train.lora.targets {v!r} is not a regular expression: {e}") from None
+        return v
+
+
 class TrainConfig(_Strict):
     objective: Literal[OBJECTIVES] = Field(  # type: ignore[valid-type]
         "forward_kl_topk",
@@ -817,6 +848,7 @@ class TrainConfig(_Strict):
         "constant", description="LR schedule after warm-up."
     )
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     trainable: str | None = Field(
         None,
         description="Train only the parameters whose name this regex finds (re.search); the rest "
@@ -924,6 +956,8 @@ class TrainConfig(_Strict):
             out.add("reviser")  # off: keys of recipes older than the section stay
         if self.trainable is None:
             out.add("trainable")  # likewise: training all parameters keeps the older keys
+        if not self.lora.enabled:
+            out.add("lora")
         return out
 
     @property
@@ -965,6 +999,12 @@ class TrainConfig(_Strict):
             raise ValueError("rewards.credit=cepo reweights the GRPO advantage per token: it needs "
                              "rewards.rl_weight > 0 and neither routing=scope (an MLE weight, not an "
                              "advantage) nor trace.enabled")
+        if self.lora.enabled and self.trainable is not None:
+            raise ValueError("train.lora trains only its adapters; train.trainable cannot also "
+                             "choose parameters (unset one of them)")
+        if self.lora.enabled and self.sharding == "fsdp" and self.world_size > 1:
+            raise ValueError("train.lora is not supported with sharding=fsdp yet: use "
+                             "sharding=ddp (the adapters are small; every rank holds them)")
         return self
 
 
@@ -1276,6 +1316,9 @@ class PipelineConfig(_Strict):
             raise ValueError("teacher.reference is G-OPD's pRef of train.advantage.reward_scale: it "
                              "needs train.objective=reverse_kl_sampled and reward_scale != 1 (at 1, "
                              "pRef cancels out of A_t)")
+        if self.train.lora.enabled and self.mode != "offline":
+            raise ValueError("train.lora is for offline training for now: online mode keeps one "
+                             "resident model that its rollout engine reads by parameter name")
         if self.confidence.revise and self.mode != "offline":
             raise ValueError("confidence.revise (CaOPD) runs between the rollout and teacher stages of "
                              "an offline run; online mode is not supported yet")

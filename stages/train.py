@@ -25,6 +25,7 @@ from opsd.objectives import mixing
 from opsd.objectives import registry as objective_registry
 from opsd.pool import Policy
 from opsd.training.batches import Example
+from opsd.training.lora import merge_adapters
 from opsd.training.trainer import NumericalError, Trainer, plan_batches
 from opsd.training.state import has_resume_point, load_resume_point, save_resume_point
 from opsd.stages.common import Artifact, StageContext, ids_hash
@@ -297,9 +298,12 @@ def run(
         "autocast": done.get("autocast"),
         "activation_checkpointing": done.get("activation_checkpointing"),
         "init": done.get("init"),
-        # parameters trained (train.trainable) of all the model's
+        # parameters trained (train.trainable, or the adapters of train.lora) of all the model's
+        # (with adapters: the base's and theirs)
         "trainable_params": done.get("trainable_params"),
         "params": done.get("params"),
+        # train.lora: how many linear layers had adapters (folded into the saved weights)
+        "lora_layers": done.get("lora_layers"),
         "wrapper": done.get("wrapper"),
         # world_size > 1: parameter / AdamW-moment elements and peak RSS of every rank
         "per_rank": done.get("per_rank"),
@@ -403,6 +407,9 @@ def train_local(cfg: TrainConfig, rollouts: Artifact, targets: Artifact, init: P
         bar.close()
     seconds = time.perf_counter() - t0
     model.eval()
+    # fold the adapters into their layers: the checkpoint and the in-memory model every later
+    # stage reads are plain ones of the base architecture
+    merged = merge_adapters(model)
     passed = [e.passed for e in examples if e.passed is not None]
     summary = {"seconds": seconds, "examples": len(examples),
                "passed_fraction": sum(passed) / len(passed) if passed else None,
@@ -410,6 +417,7 @@ def train_local(cfg: TrainConfig, rollouts: Artifact, targets: Artifact, init: P
                else "none", "activation_checkpointing": trainer.checkpointing.summary(),
                "init": init_how,
                "trainable_params": trainer.n_trainable, "params": trainer.n_params,
+               "lora_layers": merged,
                # what reduced the gradients: DistributedDataParallel's reducer, or FSDP2
                "wrapper": type(trainer.forward).__name__ if trainer.forward is not None else None}
     if dist is not None:

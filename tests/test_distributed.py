@@ -113,6 +113,22 @@ def test_frozen_parameters_train_the_same_on_two_ranks_and_stay_frozen(artifacts
 
 
 @pytest.mark.timeout(300)
+def test_lora_adapters_train_the_same_on_two_ddp_ranks_and_fold_into_the_weights(artifacts):
+    """``train.lora``: each rank adds the same seeded adapters before DDP wraps the model, so two
+    ranks train what one process does, and rank 0 writes the merged plain checkpoint."""
+    lora = {"rank": 4, "alpha": 8}
+    one = _one_process(artifacts, "forward_kl_topk", lora=lora)
+    two = _run(artifacts, "ddp-lora", 2, "forward_kl_topk", sharding="ddp", lora=lora)
+    _assert_same_training(artifacts, one, two, "ddp lora")
+    base = artifacts["pool"].master(artifacts["policy"]).state_dict()
+    for _, weights, _ in (one, two):
+        assert set(weights) <= set(base)  # no adapter names in the checkpoint
+        moved = {k for k in weights if not torch.equal(weights[k], base[k])}
+        assert moved and all(k.endswith("_proj.weight") for k in moved), sorted(moved)[:4]
+    assert two[0]["lora_layers"] == one[0]["lora_layers"] > 0
+
+
+@pytest.mark.timeout(300)
 def test_fsdp_ragged_batches_match_one_process(artifacts):
     """Batches of 5 in micro-batches of 2: one rank gets 3 examples (2 micro-batches), the other
     2 (1) — under FSDP the short rank runs a zero-weight micro-batch so the collectives match."""

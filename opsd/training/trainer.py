@@ -30,6 +30,7 @@ from opsd.memory import release_free_memory
 from opsd.packing import supports_packing
 from opsd.training.batches import Example, collate, epoch_order
 from opsd.training.loss import LiveTeacher, micro_batch_loss, reviser_nll
+from opsd.training.lora import add_adapters
 from opsd.training.memory import Checkpointing
 
 
@@ -146,6 +147,8 @@ class Trainer:
         module when the caller built it already (FSDP's sharded load)."""
         self.model = model
         # before DDP/FSDP wrap the model and the optimiser collects its parameters
+        self.adapters = (add_adapters(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.seed)
+                         if cfg.lora.enabled else [])
         self.n_trainable, self.n_params = select_trainable(model, cfg.trainable)
         self.device = dist.device if dist is not None else next(model.parameters()).device
         # recompute decoder layers in backward: always, never, or (auto) when a micro-batch's
