@@ -68,17 +68,23 @@ def test_adapters_are_seeded_and_a_regex_that_finds_nothing_is_an_error(tiny_mod
         add_adapters(model, "no_such_proj", rank=2, alpha=2.0)
 
 
-def test_the_train_stage_writes_a_plain_checkpoint_with_the_adapters_folded_in(artifacts):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_train_stage_writes_a_plain_checkpoint_with_the_adapters_folded_in(artifacts, checkpointing):
+    """With activation checkpointing too: the frozen embeddings give the checkpointed layers
+    inputs that need no gradient, and the adapters inside must still get theirs."""
     base_model = artifacts["pool"].master(artifacts["policy"])
     before = {k: v.clone() for k, v in base_model.state_dict().items()}
-    man, model = train_on(artifacts, "lora", objective="forward_kl_topk", lora={"rank": 4, "alpha": 8})
+    name = f"lora-{checkpointing}"
+    man, model = train_on(artifacts, name, objective="forward_kl_topk", lora={"rank": 4, "alpha": 8},
+                          activation_checkpointing=checkpointing)
     assert man["lora_layers"] == 2 * len(PROJECTIONS)
+    assert (man["activation_checkpointing"]["checkpointed"] > 0) == checkpointing
     assert 0 < man["trainable_params"] < man["params"] / 10
     after = model.state_dict()
     assert set(after) == set(before)
     moved = {k for k, v in before.items() if not torch.equal(after[k], v)}
     assert moved and all(k.endswith(tuple(f"{p}.weight" for p in PROJECTIONS)) for k in moved)
-    saved = AutoModelForCausalLM.from_pretrained(artifacts["base"] / "train-lora" / "model",
+    saved = AutoModelForCausalLM.from_pretrained(artifacts["base"] / f"train-{name}" / "model",
                                                  torch_dtype=torch.float32)
     ids = torch.tensor([[1, 5, 9, 200, 7]])
     torch.testing.assert_close(_logits(saved, ids), _logits(model.float(), ids))
