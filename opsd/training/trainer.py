@@ -147,8 +147,8 @@ class Trainer:
         module when the caller built it already (FSDP's sharded load)."""
         self.model = model
         # before DDP/FSDP wrap the model and the optimiser collects its parameters
-        self.adapters = (add_adapters(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.seed)
-                         if cfg.lora.enabled else [])
+        if cfg.lora.enabled:
+            add_adapters(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.seed)
         self.n_trainable, self.n_params = select_trainable(model, cfg.trainable)
         self.device = dist.device if dist is not None else next(model.parameters()).device
         # recompute decoder layers in backward: always, never, or (auto) when a micro-batch's
