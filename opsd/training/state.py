@@ -4,6 +4,10 @@ A resume point holds the model weights, the AdamW moments, the scheduler
 position, the RNG state and the loop counters. It is written into a temporary
 folder and renamed over the previous one, so a crash during the write keeps the
 last complete resume point.
+
+When part of the model is frozen (LoRA adapters, ``train.trainable``) a resume point holds only
+the parameters that train: the frozen ones are the init checkpoint's, which a rerun reads again
+anyway. For LoRA on an 8B model that is ~0.1 GB per resume point instead of 32 GB of fp32.
 """
 
 from __future__ import annotations
@@ -42,20 +46,27 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by their ``state_dict`` names."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
 def save_resume_point(folder: Path, model: torch.nn.Module, opt, sched, counters: dict, *,
                       weights: dict | None = None, optimizer: dict | None = None,
-                      rng_state: torch.Tensor | None = None) -> None:
+                      rng_state: torch.Tensor | None = None, trainable_only: bool = False) -> None:
     """Atomically replace ``folder`` with the current training state.
 
     ``weights`` / ``optimizer``: full state dicts gathered from a sharded model (FSDP), in the
     layout of ``model.state_dict()`` / ``opt.state_dict()``; by default those of ``model``, ``opt``.
     ``rng_state``: the torch RNG state to store (default: the current one).
+    ``trainable_only``: store only the parameters that train (the rest is frozen at the init
+    checkpoint's values, which the loading run must already hold).
     """
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if weights is None:
-        weights = model.state_dict()
+        weights = trainable_state(model) if trainable_only else model.state_dict()
     weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     # Tied weights (embeddings = LM head) share storage; safetensors wants them once.
     seen: dict[int, str] = {}
@@ -77,6 +88,7 @@ def save_resume_point(folder: Path, model: torch.nn.Module, opt, sched, counters
         "optimizer": opt_meta,
         "scheduler": {"last_epoch": sched.last_epoch, "_step_count": getattr(sched, "_step_count", 0)},
         "aliases": aliases,
+        "weights": "trainable" if trainable_only else "all",
     }
     (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=float))
     old = folder.with_name(folder.name + f".old-{os.getpid()}")
@@ -106,6 +118,15 @@ def load_resume_point(folder: Path, model: torch.nn.Module, opt, sched, *,
     opt_state = _optimizer_state(opt_tensors, meta["optimizer"])
     if load_state is not None:
         load_state(weights, opt_state)
+    elif meta.get("weights") == "trainable":
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        trains = set(trainable_state(model))
+        if unexpected or trains & set(missing) or set(weights) != trains:
+            raise ValueError(
+                f"the resume point in {folder} holds the trainable parameters of another model "
+                f"({len(weights)} saved, {len(trains)} train here; unexpected: {unexpected[:3]}, "
+                f"missing: {sorted(trains & set(missing))[:3]})")
+        opt.load_state_dict(opt_state)
     else:
         model.load_state_dict(weights, strict=True)
         opt.load_state_dict(opt_state)
