@@ -7,7 +7,8 @@ last complete resume point.
 
 When part of the model is frozen (LoRA adapters, ``train.trainable``) a resume point holds only
 the parameters that train: the frozen ones are the init checkpoint's, which a rerun reads again
-anyway. For LoRA on an 8B model that is ~0.1 GB per resume point instead of 32 GB of fp32.
+anyway. Rank-16 adapters on every projection of a Llama-8B are 42 M numbers: 0.17 GB of fp32
+weights per resume point instead of 32 GB.
 """
 
 from __future__ import annotations
