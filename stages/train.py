@@ -394,9 +394,10 @@ def train_local(cfg: TrainConfig, rollouts: Artifact, targets: Artifact, init: P
                             "optimizer": dist.full_optimizer_state(model, trainer.opt)}
                 if main:
                     # frozen weights are the init checkpoint's: only what trains is stored
+                    frozen_part = not sharded and trainer.n_trainable < trainer.n_params
                     save_resume_point(resume_dir, model, trainer.opt, trainer.sched,
                                       {"step": i + 1, "history": history}, **full,
-                                      trainable_only=not sharded and trainer.n_trainable < trainer.n_params)
+                                      trainable_only=frozen_part)
                 if dist:
                     dist.barrier()  # no rank runs ahead of a resume point being written
     except NumericalError as err:

@@ -120,13 +120,15 @@ def load_resume_point(folder: Path, model: torch.nn.Module, opt, sched, *,
     if load_state is not None:
         load_state(weights, opt_state)
     elif meta.get("weights") == "trainable":
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        # checked before anything loads: a refused resume point leaves the model as it was
         trains = set(trainable_state(model))
-        if unexpected or trains & set(missing) or set(weights) != trains:
+        if set(weights) != trains:
             raise ValueError(
                 f"the resume point in {folder} holds the trainable parameters of another model "
-                f"({len(weights)} saved, {len(trains)} train here; unexpected: {unexpected[:3]}, "
-                f"missing: {sorted(trains & set(missing))[:3]})")
+                f"({len(weights)} saved, {len(trains)} train here; not trained here: "
+                f"{sorted(set(weights) - trains)[:3]}, "
+                f"not saved: {sorted(trains - set(weights))[:3]})")
+        model.load_state_dict(weights, strict=False)  # the rest: the init checkpoint's weights
         opt.load_state_dict(opt_state)
     else:
         model.load_state_dict(weights, strict=True)
