@@ -3,6 +3,7 @@
     python -m bench.compare_recipes --root /path/to/opsd-home            # all recipes
     python -m bench.compare_recipes --recipes quickstart srpo --set train.steps=32
     python -m bench.compare_recipes --merge --recipes online/opsd online/kepo --set online.iterations=8
+    python -m bench.compare_recipes --recipes facts/opsd --seeds 0 1 2 --no-docs
 
 A recipe is a config path under configs/ without ``.yaml`` (``online/sdpo`` is
 ``configs/online/sdpo.yaml``); each runs through the flow of its ``mode`` (offline or online).
@@ -19,6 +20,12 @@ base model's replies to rule-free prompts), wall time of the run (the first run 
 shared stages), train-stage seconds and response tokens trained. Prints a table, writes JSON
 (``bench/results/recipes.json``) and rewrites the results section of ``docs/recipes.md``
 between its markers (``--no-docs`` to skip).
+
+``--seeds S ...`` runs every recipe once per seed (``train.seed=S``: the data order, LoRA's
+initial adapters, dropout; the rollouts and teacher targets are shared, so only training and the
+after-evaluations run again) and adds a table of each recipe's mean, standard deviation and range
+over its seeds. One seed can move a 48-question pass rate by several questions
+(docs/quality.md), so a recipe is compared by its mean over seeds, not by one draw.
 """
 
 from __future__ import annotations
@@ -100,6 +107,56 @@ def run_recipe(name: str, root: str, overrides: list[str], tag: str = "") -> dic
         "steps": total("steps"), "final_loss": man.get("final_loss"),
         "train_means": man.get("means", {}), "passed_fraction": man.get("passed_fraction"),
     }
+
+
+def seed_figures(result: dict) -> dict[str, float]:
+    """The figures of one run that a seed can move, by column name: the macro pass rate after
+    training, each task's, each benchmark's and the retention deltas."""
+    figures = {"after": result.get("after")}
+    figures |= {f"after:{t}": v for t, v in result.get("after_by_task", {}).items()}
+    figures |= {f"{b}:after": c.get("after") for b, c in result.get("benchmarks", {}).items()}
+    figures |= {"panel Δ": result.get("retention_panel_delta"),
+                "text Δ": result.get("retention_logprob_delta")}
+    return {k: float(v) for k, v in figures.items() if isinstance(v, (int, float))}
+
+
+def seed_spread(results: list[dict]) -> list[dict]:
+    """Group runs of one recipe over seeds (``recipe[seed=S]``) and summarise each figure:
+    mean, sample standard deviation ``sqrt(sum (x - mean)^2 / (n - 1))`` (0 for one seed), min
+    and max. Failed runs are left out of the figures and counted."""
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        if "seed" in r:
+            groups.setdefault(r["recipe"].rsplit("[seed=", 1)[0], []).append(r)
+    out = []
+    for recipe, runs in groups.items():
+        ok = [seed_figures(r) for r in runs if "error" not in r]
+        stats = {}
+        for name in sorted({k for f in ok for k in f}):
+            xs = [f[name] for f in ok if name in f]
+            mean = sum(xs) / len(xs)
+            sd = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+            stats[name] = {"mean": mean, "sd": sd, "min": min(xs), "max": max(xs), "n": len(xs)}
+        out.append({"recipe": recipe, "seeds": [r["seed"] for r in runs],
+                    "failed": len(runs) - len(ok), "figures": stats})
+    return out
+
+
+def seed_markdown(spread: list[dict]) -> str:
+    """One row per recipe and figure: mean ± sd [min, max] over its seeds, in percent or points
+    for pass rates and the panel, nats/token for the text."""
+    lines = ["| recipe | seeds | figure | mean ± sd | min | max |", "|---|---|---|---|---|---|"]
+    for g in spread:
+        seeds = ",".join(map(str, g["seeds"])) + (f" ({g['failed']} failed)" if g["failed"] else "")
+        for name, st in g["figures"].items():
+            scale, fmt = (1.0, "{:+.3f}") if name == "text Δ" else (100.0, "{:.1f}")
+            if name == "panel Δ":
+                fmt = "{:+.1f}"
+            cell = (lambda x: fmt.format(x * scale))
+            lines.append(f"| {g['recipe']} | {seeds} | {name} | {cell(st['mean'])} ± "
+                         f"{st['sd'] * scale:.{3 if name == 'text Δ' else 1}f} | {cell(st['min'])} | "
+                         f"{cell(st['max'])} |")
+    return "\n".join(lines)
 
 
 def _mode(name: str) -> str:
@@ -189,6 +246,8 @@ def main() -> None:
     ap.add_argument("--no-docs", action="store_true")
     ap.add_argument("--tag", default="", help="suffix for the recipe names in the results, for a "
                     "variant run with --set (e.g. '[clip=none]')")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="run every recipe once per seed (train.seed) and add a mean ± sd table")
     ap.add_argument("--merge", action="store_true",
                     help="keep the results of other recipes already in --out (run the set in parts)")
     args = ap.parse_args()
@@ -206,32 +265,43 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
+    seeds = args.seeds or [None]
+    runs = [(n, seed) for n in args.recipes for seed in seeds]
     if args.merge and out.exists():
-        mine = {n + args.tag for n in args.recipes}
+        mine = {n + args.tag + ("" if seed is None else f"[seed={seed}]") for n, seed in runs}
         results = [r for r in json.loads(out.read_text())["results"] if r["recipe"] not in mine]
     order = {n: i for i, n in enumerate(RECIPES + ONLINE_RECIPES)}
-    for name in args.recipes:
+    for name, seed in runs:
         t0 = time.perf_counter()
+        tag = args.tag + ("" if seed is None else f"[seed={seed}]")
+        seeded = [] if seed is None else [f"train.seed={seed}"]
         try:
             # every recipe enables retention; the quickstart does not, so switch it on for all
             by_mode = args.online_overrides if _mode(name) == "online" else args.offline_overrides
-            res = run_recipe(name, args.root, ["retention.enabled=true", *args.overrides, *by_mode],
-                             args.tag)
+            res = run_recipe(name, args.root, ["retention.enabled=true", *args.overrides, *by_mode,
+                                               *seeded], tag)
         except Exception as err:  # keep going: one broken recipe must not hide the others
-            res = {"recipe": name + args.tag, "error": f"{type(err).__name__}: {err}\n{traceback.format_exc()[-3000:]}",
+            res = {"recipe": name + tag, "error": f"{type(err).__name__}: {err}\n{traceback.format_exc()[-3000:]}",
                    "wall_s": time.perf_counter() - t0}
+        if seed is not None:
+            res["seed"] = seed
         results.append(res)
         results.sort(key=lambda r: (order.get(r["recipe"].split("[")[0], len(order)), r["recipe"]))
-        out.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+        spread = seed_spread(results)
+        out.write_text(json.dumps({"meta": meta, "results": results, "seed_spread": spread},
+                                  indent=2, default=str))
         if not args.no_docs:  # after every recipe: a long comparison shows its progress
             write_section(Path(args.docs), "recipes:results", markdown(results, meta),
                           "Comparison on the quickstart task")
-        print(f"[compare] {name}: " + (f"after {_pct(res.get('after'))} (before {_pct(res.get('before'))}), "
+        print(f"[compare] {name}{tag}: " + (f"after {_pct(res.get('after'))} (before {_pct(res.get('before'))}), "
                                       f"retention {_num(res.get('retention_logprob_delta'), '{:+.3f}')}, "
                                       f"wall {_num(res.get('wall_s'))}s" if "error" not in res
                                       else "FAILED " + res["error"].splitlines()[0]), flush=True)
     table = markdown(results, meta)
     print("\n" + table)
+    if args.seeds:
+        print("\nOver seeds (pass rates in %, panel Δ in points, text Δ in nats/token):\n")
+        print(seed_markdown(seed_spread(results)))
     if not args.no_docs:
         print(f"\nwrote {args.docs}")
     print(f"wrote {out}")
