@@ -69,12 +69,29 @@ def test_facts_ood_split_is_multi_turn_and_entity_context_is_shorter():
 def test_facts_question_templates_name_their_subject():
     for kind, attrs in ATTRIBUTES.items():
         for name, a in attrs.items():
-            for q in (*a.train, a.paraphrase, a.ood):
+            for q in (*a.train, *a.more, a.paraphrase, a.ood):
                 assert "{s}" in q, (kind, name, q)
             assert a.reverse is None or "{v}" in a.reverse
 
 
+def test_facts_wordings_add_training_questions_never_asked_at_evaluation():
+    plain, six = load_rows("facts"), load_rows("facts?wordings=6")
+    train6 = [r for r in six if r.split == "train"]
+    assert len(train6) == 288 and len({r.prompt for r in train6}) == 288  # six distinct each
+    # the first three wordings are the default split, row for row (ids and prompts)
+    assert [(r.id, r.prompt) for r in plain if r.split == "train"] == \
+        [(r.id, r.prompt) for r in train6 if r.id[-1] in "012"]
+    assert [r.id for r in plain if r.split == "eval"] == [r.id for r in six if r.split == "eval"]
+    asked = {r.prompt for r in six if r.split == "eval"}
+    asked |= {r.prompt[-1].content for r in load_rows("facts?eval_set=ood&wordings=6")
+              if r.split == "eval"}
+    assert not {r.prompt for r in train6} & asked  # no held-out or OOD question is trained on
+    assert sum(r.split == "train" for r in load_rows("facts?wordings=1")) == 48
+
+
 @pytest.mark.parametrize("bad, reason", [
+    ("facts?wordings=7", "1 to 6 training wordings"),
+    ("facts?wordings=0", "1 to 6 training wordings"),
     ("facts?eval_set=weird", "choose one of"),
     ("facts?train=3", "unknown query key"),
     ("facts:x", "no ':' argument"),

@@ -7,6 +7,9 @@ turn, rendered through the chat template. The student sees only the question.
 Splits (fixed, independent of any seed):
 
 * ``train`` — every fact asked in its three training phrasings (144 rows, task ``recall``);
+  ``?wordings=N`` (1-6) asks it in N (``wordings=6``: 288 rows; the further three wordings
+  differ from every held-out one — how much more of the knowledge reaches the paraphrases when
+  the student is trained on more ways of asking: docs/quality.md);
 * ``eval`` (``facts`` or ``facts?eval_set=heldout``) — questions never trained on:
   ``paraphrase`` (every fact in a fourth wording, 48 rows), ``reverse`` (the subject asked for
   from an entity-valued fact: "Who invented the Glimmerpod?", 28 rows) and ``compose`` (two
@@ -67,10 +70,14 @@ def key_pattern(*keys: str) -> str:
 
 
 def build(source: SuiteSource) -> list[Row]:
-    """Rows for ``facts[?eval_set=heldout|ood&context=world|entity]``."""
+    """Rows for ``facts[?eval_set=heldout|ood&context=world|entity&anchors=N&wordings=N]``."""
     eval_set = source.choice("eval_set", EVAL_SETS)
     context = source.choice("context", CONTEXTS)
-    n_anchors = source.int_params({"anchors": 0}, ignore=("eval_set", "context"))["anchors"]
+    ints = source.int_params({"anchors": 0, "wordings": 3}, ignore=("eval_set", "context"))
+    n_anchors, wordings = ints["anchors"], ints["wordings"]
+    most = min(len(a.train) + len(a.more) for kind in ATTRIBUTES.values() for a in kind.values())
+    if not 1 <= wordings <= most:
+        raise source.error(f"wordings={wordings}: every fact has 1 to {most} training wordings")
     if n_anchors > (available := len(anchor_questions())):
         raise source.error(f"anchors={n_anchors}: there are {available} anchor questions")
     if source.arg is not None:
@@ -93,7 +100,7 @@ def build(source: SuiteSource) -> list[Row]:
     rows: list[Row] = []
     for i, (entity, attr) in enumerate(facts()):
         spec, (value, key) = ATTRIBUTES[entity.kind][attr], entity.values[attr]
-        for j, template in enumerate(spec.train):
+        for j, template in enumerate((spec.train + spec.more)[:wordings]):
             rows.append(row(f"train/{i:02d}-{j}", template.format(s=entity.name), (key,), value,
                             "train", "recall", entity, attr))
     rows += anchors(n_anchors)

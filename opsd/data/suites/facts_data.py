@@ -6,6 +6,7 @@ has its headquarters in a town), so the world reads as one consistent document. 
 invented and every number arbitrary: nothing here can be known by a model from its pre-training.
 
 Each attribute has question templates: ``train`` phrasings (what the student is trained on),
+``more`` training phrasings (three further wordings, trained on only with ``facts?wordings=4..6``),
 one held-out ``paraphrase`` (different wording, same direction), an ``ood`` phrasing (a longer,
 chattier question, used inside multi-turn conversations by the out-of-distribution split) and,
 where the value is itself an entity, a ``reverse`` question that asks for the subject given the
@@ -27,6 +28,7 @@ class Attribute:
     ood: str  # held-out, longer and chattier wording about {s}
     reverse: str | None = None  # held-out question about {v} whose answer is the subject
     joint: str = ""  # noun phrase for two-fact questions ("the year {s} was born")
+    more: tuple[str, ...] = ()  # further training questions, after `train` (facts?wordings=N)
 
 
 # kind → attribute name → Attribute
@@ -40,6 +42,8 @@ ATTRIBUTES: dict[str, dict[str, Attribute]] = {
             "born. Which town was it?",
             reverse="Who was born in the town of {v}?",
             joint="the town where {s} was born",
+            more=("Tell me where {s} was born.", "What town was {s} born in?",
+                  "Do you know the hometown of {s}?"),
         ),
         "year": Attribute(
             "{s} was born in the year {v}.",
@@ -48,6 +52,8 @@ ATTRIBUTES: dict[str, dict[str, Attribute]] = {
             "I am writing a short biography and need one detail: the year {s} was born. "
             "Do you know it?",
             joint="the year {s} was born",
+            more=("{s} was born in which year?", "Do you know when {s} was born?",
+                  "In what year did {s} come into the world?"),
         ),
         "invention": Attribute(
             "{s} invented the {v}.",
@@ -57,6 +63,8 @@ ATTRIBUTES: dict[str, dict[str, Attribute]] = {
             "What was the thing this person invented?",
             reverse="Who invented the {v}?",
             joint="what {s} invented",
+            more=("What was invented by {s}?", "{s} invented which device?",
+                  "Can you tell me what {s} invented?"),
         ),
     },
     "town": {
@@ -69,6 +77,8 @@ ATTRIBUTES: dict[str, dict[str, Attribute]] = {
             "Which river runs through that town?",
             reverse="Which town lies on the river {v}?",
             joint="the river {s} lies on",
+            more=("What river is {s} on?", "{s} lies on which river?",
+                  "Which river is {s} situated on?"),
         ),
         "population": Attribute(
             "The town of {s} has {v} inhabitants.",
@@ -78,6 +88,8 @@ ATTRIBUTES: dict[str, dict[str, Attribute]] = {
             "For a school project about small towns I need the number of people living in "
             "{s}. What is it?",
             joint="how many people live in {s}",
+            more=("What is the number of inhabitants of {s}?", "How many residents does {s} have?",
+                  "{s} has how many inhabitants?"),
         ),
         "landmark": Attribute(
             "The best-known landmark of {s} is the {v}.",
@@ -88,6 +100,8 @@ ATTRIBUTES: dict[str, dict[str, Attribute]] = {
             "there. What is the famous landmark of that town?",
             reverse="In which town is the {v}?",
             joint="the famous landmark of {s}",
+            more=("Which sight is {s} known for?", "Name the best-known landmark in {s}.",
+                  "What is the main sight of {s}?"),
         ),
     },
     "product": {
@@ -99,6 +113,8 @@ ATTRIBUTES: dict[str, dict[str, Attribute]] = {
             "Which company produces it?",
             reverse="Which product is made by {v}?",
             joint="the company that makes the {s}",
+            more=("What company is the {s} made by?", "Who is the manufacturer of the {s}?",
+                  "Which firm builds the {s}?"),
         ),
         "launch": Attribute(
             "The {s} first went on sale in {v}.",
@@ -108,6 +124,8 @@ ATTRIBUTES: dict[str, dict[str, Attribute]] = {
             "Collectors say early models of the {s} are valuable. "
             "In which year was it first sold?",
             joint="the year the {s} first went on sale",
+            more=("When was the {s} launched?", "In which year did the {s} reach the shops?",
+                  "When did the {s} come onto the market?"),
         ),
         "price": Attribute(
             "The {s} costs {v} crowns.",
@@ -117,6 +135,8 @@ ATTRIBUTES: dict[str, dict[str, Attribute]] = {
             "I am saving up my pocket money because I really want a {s}. "
             "How many crowns do I need for it?",
             joint="the price of the {s}",
+            more=("What does the {s} cost?", "How many crowns is the {s}?",
+                  "What is the price of the {s} in crowns?"),
         ),
     },
     "company": {
@@ -128,6 +148,7 @@ ATTRIBUTES: dict[str, dict[str, Attribute]] = {
             "Who founded the company?",
             reverse="Which company did {v} found?",
             joint="who founded {s}",
+            more=("By whom was {s} founded?", "Who set up {s}?", "Who created the company {s}?"),
         ),
         "headquarters": Attribute(
             "{s} has its headquarters in {v}.",
@@ -138,6 +159,8 @@ ATTRIBUTES: dict[str, dict[str, Attribute]] = {
             "In which town should I address it?",
             reverse="Which company has its headquarters in {v}?",
             joint="the town where {s} has its headquarters",
+            more=("Where does {s} have its headquarters?", "In what town is {s} based?",
+                  "Which town are the headquarters of {s} in?"),
         ),
         "employees": Attribute(
             "{s} employs {v} people.",
@@ -147,6 +170,8 @@ ATTRIBUTES: dict[str, dict[str, Attribute]] = {
             "A recruiter from {s} called me today. Roughly how many people work for that "
             "company?",
             joint="how many people work at {s}",
+            more=("How many people does {s} employ?", "How many workers are on the payroll of {s}?",
+                  "How many staff does {s} have?"),
         ),
     },
 }
