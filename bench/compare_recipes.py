@@ -86,7 +86,11 @@ def run_recipe(name: str, root: str, overrides: list[str], tag: str = "") -> dic
     def total(field: str):
         vals = [m[field] for m in mans if isinstance(m.get(field), (int, float))]
         return sum(vals) if vals else None
-    after = {k.rsplit(".", 1)[-1]: v for k, v in metrics.items() if k.startswith("eval.after.greedy.")}
+    def by_task(policy: str) -> dict[str, float]:
+        return {k.rsplit(".", 1)[-1]: v for k, v in metrics.items()
+                if k.startswith(f"eval.{policy}.greedy.")}
+
+    after = by_task("after")
     # eval.<policy>.<benchmark>.greedy: the recipe's eval.benchmarks (e.g. behaviours-ood)
     benchmarks = {k.split(".")[2]: {p: metrics.get(f"eval.{p}.{k.split('.')[2]}.greedy")
                                     for p in ("before", "after", "teacher")}
@@ -97,6 +101,7 @@ def run_recipe(name: str, root: str, overrides: list[str], tag: str = "") -> dic
         "objective": cfg.train.objective, "data": cfg.data.source,
         "before": metrics.get("eval.before.greedy"), "after": metrics.get("eval.after.greedy"),
         "teacher": metrics.get("eval.teacher.greedy"), "after_by_task": after,
+        "before_by_task": by_task("before"), "teacher_by_task": by_task("teacher"),
         "benchmarks": benchmarks,
         "retention_logprob_delta": metrics.get("retention.logprob_delta"),
         "retention_exact_match": metrics.get("retention.exact_match"),
