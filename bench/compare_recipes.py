@@ -106,6 +106,10 @@ def run_recipe(name: str, root: str, overrides: list[str], tag: str = "") -> dic
         "retention_logprob_delta": metrics.get("retention.logprob_delta"),
         "retention_exact_match": metrics.get("retention.exact_match"),
         "retention_panel_delta": metrics.get("retention.panel_delta"),
+        "retention_panel_task_delta": {k.rsplit(".", 1)[-1]: v for k, v in metrics.items()
+                                       if k.startswith("retention.panel_delta.")},
+        "retention_text_delta": metrics.get("retention.text_logprob_delta"),
+        "retention_rule_leak": metrics.get("retention.rule_leak"),
         "wall_s": wall, "pipeline_wall_s": metrics.get("wall_seconds"), "compute_s": compute_s,
         "stages_run": [s["label"] for s in stages if not s["cached"]],
         "train_s": total("seconds"), "tokens_trained": total("tokens_trained"),
@@ -116,12 +120,15 @@ def run_recipe(name: str, root: str, overrides: list[str], tag: str = "") -> dic
 
 def seed_figures(result: dict) -> dict[str, float]:
     """The figures of one run that a seed can move, by column name: the macro pass rate after
-    training, each task's, each benchmark's and the retention deltas."""
+    training, each task's, each benchmark's and the retention deltas (the panel's macro and per
+    task, in pass-rate units; the base model's replies and reference text, in nats/token)."""
     figures = {"after": result.get("after")}
     figures |= {f"after:{t}": v for t, v in result.get("after_by_task", {}).items()}
     figures |= {f"{b}:after": c.get("after") for b, c in result.get("benchmarks", {}).items()}
     figures |= {"panel Δ": result.get("retention_panel_delta"),
-                "text Δ": result.get("retention_logprob_delta")}
+                "replies Δ": result.get("retention_logprob_delta"),
+                "text Δ": result.get("retention_text_delta")}
+    figures |= {f"panel Δ:{t}": v for t, v in result.get("retention_panel_task_delta", {}).items()}
     return {k: float(v) for k, v in figures.items() if isinstance(v, (int, float))}
 
 
@@ -154,12 +161,13 @@ def seed_markdown(spread: list[dict]) -> str:
     for g in spread:
         seeds = ",".join(map(str, g["seeds"])) + (f" ({g['failed']} failed)" if g["failed"] else "")
         for name, st in g["figures"].items():
-            scale, fmt = (1.0, "{:+.3f}") if name == "text Δ" else (100.0, "{:.1f}")
-            if name == "panel Δ":
+            nats = name in ("text Δ", "replies Δ")
+            scale, fmt = (1.0, "{:+.3f}") if nats else (100.0, "{:.1f}")
+            if name.startswith("panel Δ"):
                 fmt = "{:+.1f}"
             cell = (lambda x: fmt.format(x * scale))
             lines.append(f"| {g['recipe']} | {seeds} | {name} | {cell(st['mean'])} ± "
-                         f"{st['sd'] * scale:.{3 if name == 'text Δ' else 1}f} | {cell(st['min'])} | "
+                         f"{st['sd'] * scale:.{3 if nats else 1}f} | {cell(st['min'])} | "
                          f"{cell(st['max'])} |")
     return "\n".join(lines)
 
@@ -305,7 +313,7 @@ def main() -> None:
     table = markdown(results, meta)
     print("\n" + table)
     if args.seeds:
-        print("\nOver seeds (pass rates in %, panel Δ in points, text Δ in nats/token):\n")
+        print("\nOver seeds (pass rates in %, panel Δ in points, replies/text Δ in nats/token):\n")
         print(seed_markdown(seed_spread(results)))
     if not args.no_docs:
         print(f"\nwrote {args.docs}")
