@@ -10,7 +10,7 @@ import pytest
 from tests.helpers import run_offline_recipe, shrunk_recipe
 
 FACTS = Path(__file__).resolve().parent.parent / "configs" / "facts"
-RECIPES = ["opsd", "sft", "mixsd"]
+RECIPES = ["opsd", "lora", "sft", "mixsd"]
 
 
 def test_every_facts_recipe_is_here():
