@@ -332,6 +332,21 @@ def test_facts_recipes_validate_and_share_their_evaluations(name):
     assert cfg.data.source.startswith("facts?context=entity")
 
 
+def test_facts_lora_recipe_is_the_opsd_recipe_with_adapters_and_six_wordings():
+    from pathlib import Path
+
+    from opsd.config import load_config
+    from opsd.flows.runner import config_for_key
+
+    configs = Path(__file__).resolve().parent.parent / "configs" / "facts"
+    lora, ref = load_config(configs / "lora.yaml"), load_config(configs / "opsd.yaml")
+    assert lora.data.source == ref.data.source + "&wordings=6"
+    assert (lora.train.lora.rank, lora.train.lora.alpha, lora.train.lr) == (16, 32, 5e-4)
+    for section in ("model", "eval", "rollout", "teacher"):  # same evaluation, same sampling
+        assert config_for_key(getattr(lora, section)) == config_for_key(getattr(ref, section))
+    assert lora.train.steps == ref.train.steps and lora.retention.enabled
+
+
 def test_facts_anchors_are_rule_free_train_rows_outside_every_panel():
     rows = load_rows("facts?anchors=10")
     anchors = [r for r in rows if r.task == "anchor"]
