@@ -21,9 +21,9 @@ shared stages), train-stage seconds and response tokens trained. Prints a table,
 (``bench/results/recipes.json``) and rewrites the results section of ``docs/recipes.md``
 between its markers (``--no-docs`` to skip).
 
-``--seeds S ...`` runs every recipe once per seed (``train.seed=S``: the data order, LoRA's
-initial adapters, dropout; the rollouts and teacher targets are shared, so only training and the
-after-evaluations run again) and adds a table of each recipe's mean, standard deviation and range
+``--seeds S ...`` runs every recipe once per seed (``train.seed=S``: the batch order and LoRA's
+initial adapters; in offline mode the rollouts and teacher targets are shared, so only training
+and the after-evaluations run again) and adds a table of each recipe's mean, standard deviation and range
 over its seeds. One seed can move a 48-question pass rate by several questions
 (docs/quality.md), so a recipe is compared by its mean over seeds, not by one draw.
 """
