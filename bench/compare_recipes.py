@@ -86,11 +86,11 @@ def run_recipe(name: str, root: str, overrides: list[str], tag: str = "") -> dic
     def total(field: str):
         vals = [m[field] for m in mans if isinstance(m.get(field), (int, float))]
         return sum(vals) if vals else None
-    def by_task(policy: str) -> dict[str, float]:
-        return {k.rsplit(".", 1)[-1]: v for k, v in metrics.items()
-                if k.startswith(f"eval.{policy}.greedy.")}
+    def by_task(prefix: str) -> dict[str, float]:
+        """``{task: value}`` of the metrics named ``<prefix><task>``."""
+        return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
 
-    after = by_task("after")
+    after = by_task("eval.after.greedy.")
     # eval.<policy>.<benchmark>.greedy: the recipe's eval.benchmarks (e.g. behaviours-ood)
     benchmarks = {k.split(".")[2]: {p: metrics.get(f"eval.{p}.{k.split('.')[2]}.greedy")
                                     for p in ("before", "after", "teacher")}
@@ -101,13 +101,13 @@ def run_recipe(name: str, root: str, overrides: list[str], tag: str = "") -> dic
         "objective": cfg.train.objective, "data": cfg.data.source,
         "before": metrics.get("eval.before.greedy"), "after": metrics.get("eval.after.greedy"),
         "teacher": metrics.get("eval.teacher.greedy"), "after_by_task": after,
-        "before_by_task": by_task("before"), "teacher_by_task": by_task("teacher"),
+        "before_by_task": by_task("eval.before.greedy."),
+        "teacher_by_task": by_task("eval.teacher.greedy."),
         "benchmarks": benchmarks,
         "retention_logprob_delta": metrics.get("retention.logprob_delta"),
         "retention_exact_match": metrics.get("retention.exact_match"),
         "retention_panel_delta": metrics.get("retention.panel_delta"),
-        "retention_panel_task_delta": {k.rsplit(".", 1)[-1]: v for k, v in metrics.items()
-                                       if k.startswith("retention.panel_delta.")},
+        "retention_panel_task_delta": by_task("retention.panel_delta."),
         "retention_text_delta": metrics.get("retention.text_logprob_delta"),
         "retention_rule_leak": metrics.get("retention.rule_leak"),
         "wall_s": wall, "pipeline_wall_s": metrics.get("wall_seconds"), "compute_s": compute_s,
