@@ -106,7 +106,9 @@ def run_recipe(name: str, root: str, overrides: list[str], tag: str = "") -> dic
         "benchmarks": benchmarks,
         "retention_logprob_delta": metrics.get("retention.logprob_delta"),
         "retention_exact_match": metrics.get("retention.exact_match"),
-        "retention_panel_delta": metrics.get("retention.panel_delta"),
+        # over the panel's questions (each one vote); the macro over tasks for runs before it
+        "retention_panel_delta": metrics.get("retention.panel_questions_delta",
+                                             metrics.get("retention.panel_delta")),
         "retention_panel_task_delta": by_task("retention.panel_delta."),
         "retention_text_delta": metrics.get("retention.text_logprob_delta"),
         "retention_rule_leak": metrics.get("retention.rule_leak"),
@@ -120,8 +122,8 @@ def run_recipe(name: str, root: str, overrides: list[str], tag: str = "") -> dic
 
 def seed_figures(result: dict) -> dict[str, float]:
     """The figures of one run that a seed can move, by column name: the macro pass rate after
-    training, each task's, each benchmark's and the retention deltas (the panel's macro and per
-    task, in pass-rate units; the base model's replies and reference text, in nats/token)."""
+    training, each task's, each benchmark's and the retention deltas (the panel's over its
+    questions and per task, in pass-rate units; the base model's replies and reference text, in nats/token)."""
     figures = {"after": result.get("after")}
     figures |= {f"after:{t}": v for t, v in result.get("after_by_task", {}).items()}
     figures |= {f"{b}:after": c.get("after") for b, c in result.get("benchmarks", {}).items()}
@@ -235,8 +237,8 @@ def markdown(results: list[dict], meta: dict) -> str:
     lines += ["", "`before`/`after`: the student without privileged context (greedy held-out pass rate, "
               "macro over the data's tasks: the four rules of `behaviours`, 128 held-out questions); "
               "`teacher (PI)`: the same base model with its privileged context. `general panel Δ`: "
-              "the retention panel's greedy pass rate (general questions and two held-out "
-              "reasoning_gym tasks) after minus before, in points. Retention: the trained student's mean per-token "
+              "the retention panel's greedy pass rate over its questions (200 general questions and "
+              "two held-out reasoning_gym tasks of 16) after minus before, in points. Retention: the trained student's mean per-token "
               "log-likelihood of the base model's greedy replies to 32 rule-free questions minus "
               "the base model's own, and the share of those questions where its greedy reply is "
               "token-identical. `compute s`: the seconds of every stage the recipe needs (evaluations "

@@ -502,9 +502,11 @@ def retention_step(p: Pipeline, base: Policy, policy: Policy, *, label="retentio
            f"({m.get('exact_match_untaught', 0.0) * 100:.1f}% without taught spans)")
     if m.get("text_logprob_delta") is not None:
         msg += f"; reference text delta {m['text_logprob_delta']:+.3f} nats/token"
-    if m.get("panel_delta") is not None:
-        msg += (f"; general panel {m['panel_base'] * 100:.1f}% -> {m['panel'] * 100:.1f}% "
-                f"({m['panel_delta'] * 100:+.1f} points)")
+    if m.get("panel_questions_delta") is not None:
+        tasks = ", ".join(f"{t} {d * 100:+.1f}" for t, d in sorted(m["panel_task_delta"].items()))
+        msg += (f"; general panel ({m['panel_questions_n']} questions) "
+                f"{m['panel_questions_base'] * 100:.1f}% -> {m['panel_questions'] * 100:.1f}% "
+                f"({m['panel_questions_delta'] * 100:+.1f} points; by task {tasks})")
     p.say(msg)
     return art
 

@@ -4,9 +4,12 @@ Gains on the taught task must not be bought with forgetting. Three measures, eac
 the base model once (``retention_base``, shared by every run on that base) and for the trained
 policy (``retention``), on material unrelated to anything a built-in suite teaches:
 
-1. **panel** — greedy pass rate on a held-out panel of reasoning-gym tasks (``cfg.panel``), the
-   general-capability check. ``panel_delta`` = trained − base (macro over the panel's tasks;
-   points of pass rate).
+1. **panel** — greedy pass rate on a held-out general-capability panel (``cfg.panel``: the
+   200-question ``general`` suite and two reasoning-gym tasks by default). The headline is
+   ``panel_questions_delta`` = trained − base over the panel's *questions*, each question one vote
+   (:func:`question_rate`), with ``panel_task_delta`` per task beside it; ``panel_delta`` is the
+   macro over tasks, which two 16-question reasoning tasks at 0 % for a 135M model would dilute to
+   a third of the general suite's change.
 2. **reference text** — mean per-token log-likelihood of built-in reference passages
    (:data:`opsd.data.reference.REFERENCE_PASSAGES`) scored as plain text, outside any chat turn,
    so no reply-level rule acts on it: ``text_logprob_delta`` = trained − base (nats/token).
@@ -313,6 +316,13 @@ def _check_panel(cfg: RetentionConfig, base_art: Artifact) -> None:
             "so that the base's panel is evaluated again.")
 
 
+def question_rate(table: dict) -> tuple[float, int]:
+    """Pass rate over the greedy rows of an evaluation table, each question one vote:
+    ``sum(passed) / n`` over the rows with ``greedy`` set, and ``n``."""
+    passed = [bool(p) for p, g in zip(table["passed"], table["greedy"]) if g]
+    return (sum(passed) / len(passed) if passed else 0.0), len(passed)
+
+
 def _panel_metrics(cfg: RetentionConfig, base_art: Artifact, policy: Policy, ctx: StageContext,
                    rules: list[RegexVerifier]) -> dict:
     if not cfg.panel:
@@ -330,12 +340,17 @@ def _panel_metrics(cfg: RetentionConfig, base_art: Artifact, policy: Policy, ctx
     if out["panel_base"] is not None:
         out["panel_delta"] = m["greedy_macro"] - out["panel_base"]
     out["panel_task_delta"] = {k: v - before[k] for k, v in m["greedy"].items() if k in before}
+    after_q, n = question_rate(read_table(ctx.out_dir / PANEL_DIR).to_pydict())
+    base_q, _ = question_rate(base_t)
+    out |= {"panel_questions": after_q, "panel_questions_base": base_q,
+            "panel_questions_delta": after_q - base_q, "panel_questions_n": n}
     return out
 
 
 METRICS = ("logprob", "base_logprob", "logprob_delta", "logprob_delta_untaught", "exact_match",
            "exact_match_untaught", "prefix_match", "rule_leak", "text_logprob", "text_base_logprob",
-           "text_logprob_delta", "panel", "panel_base", "panel_delta")
+           "text_logprob_delta", "panel", "panel_base", "panel_delta", "panel_questions",
+           "panel_questions_base", "panel_questions_delta")
 
 
 def headline(art: Artifact | None) -> dict[str, float]:

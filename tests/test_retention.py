@@ -13,6 +13,7 @@ from opsd.config import RetentionConfig
 from opsd.pool import ModelPool, Policy, base_policy
 from opsd.stages import retention as retention_stage
 from opsd.stages.common import Artifact, StageContext
+from opsd.storage.parquet import read_table
 
 
 def _ctx(path: Path, pool: ModelPool) -> StageContext:
@@ -45,6 +46,7 @@ def test_base_model_retains_itself_and_a_changed_model_does_not(tiny_model_dir, 
     assert same["logprob_delta_untaught"] == pytest.approx(0.0, abs=1e-6)
     # the panel (7 reasoning-gym rows) and the reference text: unchanged for the base itself
     assert same["panel_delta"] == 0.0 and set(same["panel_tasks"]) == {"leg_counting", "syllogism"}
+    assert same["panel_questions_delta"] == 0.0 and same["panel_questions_n"] == 7
     assert same["text_logprob_delta"] == pytest.approx(0.0, abs=1e-6)
     assert man_b["text_base_logprob"] < 0
 
@@ -67,9 +69,13 @@ def test_base_model_retains_itself_and_a_changed_model_does_not(tiny_model_dir, 
     assert abs(moved["logprob_delta"]) > 1e-3
     assert moved["exact_match"] < 1.0
     assert abs(moved["text_logprob_delta"]) > 1e-3
+    # the headline panel figure counts questions: recomputed from the stored replies
+    after_t = read_table(tmp_path / "moved" / retention_stage.PANEL_DIR).to_pydict()
+    greedy = [p for p, g in zip(after_t["passed"], after_t["greedy"]) if g]
+    assert moved["panel_questions"] == pytest.approx(sum(greedy) / len(greedy))
+    assert moved["panel_questions_delta"] == pytest.approx(
+        moved["panel_questions"] - moved["panel_questions_base"])
     # brute force: one full forward per reply, log-softmax over the whole sequence
-    from opsd.storage.parquet import read_table
-
     t = read_table(tmp_path / "base" / retention_stage.REPLIES_FILE).to_pydict()
     total, n = 0.0, 0
     with torch.no_grad():
@@ -151,3 +157,13 @@ def test_online_flow_scores_benchmarks_and_retention(tiny_model_dir, tmp_path):
               "eval.delta.leg_counting.greedy", "retention.panel_delta",
               "retention.text_logprob_delta", "online.iterations"):
         assert k in m, k
+
+
+def test_panel_headline_weighs_questions_not_tasks():
+    """200 general questions at 50 % beside two 16-question tasks at 0 %: the macro over tasks
+    reads 16.7 %, the questions' rate 100 / 232; a task of one question cannot outweigh 200."""
+    passed = [True] * 100 + [False] * 100 + [False] * 32
+    table = {"passed": passed + [True] * 5, "greedy": [True] * 232 + [False] * 5}
+    rate, n = retention_stage.question_rate(table)
+    assert n == 232 and rate == pytest.approx(100 / 232)
+    assert retention_stage.question_rate({"passed": [], "greedy": []}) == (0.0, 0)
