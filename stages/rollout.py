@@ -351,10 +351,21 @@ def run(
     return out
 
 
+def truncated_by_task(tasks: list[str | None], finish_reasons: list[str]) -> dict[str, float]:
+    """Share of each task's replies cut at ``max_new_tokens`` (finish reason ``length``): their
+    end is never generated, so a rule or answer that closes a reply is taught only on the rest."""
+    counts: dict[str, list[int]] = {}
+    for task, finish in zip(tasks, finish_reasons):
+        c = counts.setdefault(task or "all", [0, 0])
+        c[0] += finish == "length"
+        c[1] += 1
+    return {task: cut / n for task, (cut, n) in sorted(counts.items())}
+
+
 def manifest_of(ctx: StageContext, seconds: float, tokens: int, generated: int) -> dict:
     from opsd.storage.parquet import read_table
 
-    t = read_table(ctx.out_dir, columns=["sample_id", "n_tokens", "passed", "finish_reason",
+    t = read_table(ctx.out_dir, columns=["sample_id", "task", "n_tokens", "passed", "finish_reason",
                                          "guided_positions"]).to_pydict()
     teacher_written = teacher_sample_ids(ctx.out_dir)
     if teacher_written:  # BRTS's teacher replies: the stage's numbers stay the student's
@@ -367,6 +378,7 @@ def manifest_of(ctx: StageContext, seconds: float, tokens: int, generated: int) 
         "response_tokens": int(sum(t["n_tokens"])),
         "mean_response_tokens": sum(t["n_tokens"]) / max(1, n),
         "truncated_fraction": sum(f == "length" for f in t["finish_reason"]) / max(1, n),
+        "truncated_by_task": truncated_by_task(t["task"], t["finish_reason"]),
         "pass_rate": sum(passed) / len(passed) if passed else None,
         "guided_fraction": sum(bool(g) for g in t["guided_positions"]) / max(1, n),
         "guided_tokens": sum(len(g) for g in t["guided_positions"]),

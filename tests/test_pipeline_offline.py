@@ -62,6 +62,20 @@ def test_parquet_contracts(pipeline_run):
         "SELECT bool_and(len(t.topk_ids) = r.n_tokens), bool_and(len(t.topk_ids[1]) = 4), "
         "bool_and(len(t.tail_mass) = r.n_tokens) FROM teacher_targets t JOIN rollouts r USING (sample_id)")
     assert rows[0] == (True, True, True)
+    # the share of each task's replies cut at max_new_tokens, and the run-log note it feeds
+    from opsd.flows.steps import truncation_note
+
+    ro_dir = next(Path(pipeline_run["root"], "artifacts", "rollout").iterdir())
+    ro = pq.read_table(ro_dir / "part-00000.parquet").to_pydict()
+    manifest = json.loads((ro_dir / "manifest.json").read_text())
+    for task, share in manifest["truncated_by_task"].items():
+        finishes = [f for t, f in zip(ro["task"], ro["finish_reason"]) if (t or "all") == task]
+        assert share == pytest.approx(finishes.count("length") / len(finishes))
+    assert truncation_note({"truncated_by_task": {"a": 0.25, "b": 0.64}}, 64) == (
+        "replies cut at rollout.max_new_tokens=64 (by task: b 64%); how a reply ends is taught "
+        "only on the replies that stop")
+    assert truncation_note({"truncated_by_task": {"a": 0.1}}, 64) is None
+    assert truncation_note({}, 64) is None  # a rollout artifact from before the figure
     # per-position teacher-student gap, as a user would ask it
     cols, rows = cat.query("SELECT pos, avg(teacher_logprob - student_logprob) AS gap, count(*) "
                            "FROM teacher_tokens GROUP BY pos ORDER BY pos")
