@@ -92,6 +92,24 @@ def test_parquet_contracts(pipeline_run):
             assert hashes[sid] == ids_hash(ids)
 
 
+def test_rule_misses_reads_a_run_from_its_catalog(pipeline_run, tmp_path):
+    """bench/rule_misses.py on a real run: the data, checkpoint and replies come from the catalog
+    and every greedy reply to a row with a literal rule (``^\\s*Sure``) is scored."""
+    from bench.rule_misses import main
+    from opsd.storage.parquet import read_table
+
+    run_id = _catalog(pipeline_run["root"]).runs()[0]["run_id"]
+    recs = main(["--root", str(pipeline_run["root"]), "--run", run_id[:15], "--out",
+                 str(tmp_path / "misses.json")])
+    assert len(recs) == 4 and {r["label"] for r in recs} == {"evaluate/after"}
+    assert {(r["where"], r["rule"]) for r in recs} == {("start", "Sure")}
+    after = next(s for s in _catalog(pipeline_run["root"]).stages(run_id) if s["label"] == "evaluate/after")
+    t = read_table(Path(_catalog(pipeline_run["root"]).artifact(after["key"])["path"])).to_pydict()
+    passed = {rid: p for rid, p, g in zip(t["row_id"], t["passed"], t["greedy"]) if g}
+    assert {r["row_id"]: r["passed"] for r in recs} == passed
+    assert json.loads((tmp_path / "misses.json").read_text()) == recs
+
+
 def test_mlflow_parent_and_nested_stage_runs(pipeline_run):
     from mlflow.tracking import MlflowClient
 
