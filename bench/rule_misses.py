@@ -16,8 +16,11 @@ the span when the reply has it) for an end rule. A missed reply with the teacher
 the threshold is *student-limited*: the distillation signal exists on that reply and the student
 did not take it (more or better-aimed training could). Below it, *teacher-limited*: the teacher
 would not have written the rule there either, so self-distillation from this teacher cannot add
-it, whatever the objective — only a better teacher or a different reply can. docs/quality.md uses
-it on the behaviours suite's out-of-distribution misses.
+it, whatever the objective — only a better teacher or a different reply can. A missed end rule on
+a reply the evaluation cut at ``eval.max_new_tokens`` is *cap-limited*: the reply never reached its
+end, so neither side's probability there says whether it would have closed with the rule (its P
+is still reported, at the cut). docs/quality.md uses it on the behaviours suite's
+out-of-distribution misses.
 """
 
 from __future__ import annotations
@@ -94,10 +97,22 @@ def span_logprob(model, prefix: list[int], span: list[int]) -> float:
     return float(logp[positions, ids[0, len(prefix):]].sum())
 
 
-def score_replies(rows, replies: dict[str, tuple[str, bool]], tokenizer, teacher, student,
+def limited_by(passed: bool, cut: bool, rule: LiteralRule, p_teacher: float,
+               threshold: float) -> str | None:
+    """None for a pass; "cap" for an end rule on a reply cut at the token cap; else "student"
+    when the teacher's P reaches the threshold, "teacher" below it."""
+    if passed:
+        return None
+    if cut and rule.where == "end":
+        return "cap"
+    return "student" if p_teacher >= threshold else "teacher"
+
+
+def score_replies(rows, replies: dict[str, tuple], tokenizer, teacher, student,
                   context_cfg, threshold: float = 0.5) -> list[dict]:
-    """One record per scored reply (``replies``: row id → (greedy text, passed)); rows whose
-    verifier is no literal start/end rule are skipped."""
+    """One record per scored reply (``replies``: row id → (greedy text, passed[, finish
+    reason]); "length" marks a reply cut at the token cap); rows whose verifier is no literal
+    start/end rule are skipped."""
     import math
 
     from opsd.context.render import build_context, student_ids, teacher_ids
@@ -109,27 +124,29 @@ def score_replies(rows, replies: dict[str, tuple[str, bool]], tokenizer, teacher
         rule = literal_rule(row.verifier.pattern)
         if rule is None:
             continue
-        text, passed = replies[row.id]
+        text, passed, *finish = replies[row.id]
+        cut = bool(finish) and finish[0] == "length"
         before, span = span_ids(tokenizer, without_span(text, rule), rule)
         p_teacher = math.exp(span_logprob(
             teacher, teacher_ids(tokenizer, row, build_context(row, context_cfg)) + before, span))
         p_student = math.exp(span_logprob(student, student_ids(tokenizer, row) + before, span))
         out.append({"row_id": row.id, "task": row.task, "multi_turn": isinstance(row.prompt, list),
-                    "passed": bool(passed), "rule": rule.text, "where": rule.where,
+                    "passed": bool(passed), "rule": rule.text, "where": rule.where, "cut": cut,
                     "p_teacher": p_teacher, "p_student": p_student, "reply": text,
-                    "limited_by": None if passed else
-                    ("student" if p_teacher >= threshold else "teacher")})
+                    "limited_by": limited_by(bool(passed), cut, rule, p_teacher, threshold)})
     return out
 
 
 def summary(records: list[dict]) -> list[dict]:
-    """Per task: replies, misses, misses that are student-/teacher-limited, mean P on each side."""
+    """Per task: replies, misses, misses that are student-/teacher-/cap-limited, mean P on each
+    side over the misses that are not cap-limited."""
     by_task: dict[str, list[dict]] = {}
     for r in records:
         by_task.setdefault(r["task"], []).append(r)
     rows = []
     for task, recs in sorted(by_task.items()):
         missed = [r for r in recs if not r["passed"]]
+        scored = [r for r in missed if r["limited_by"] != "cap"]
 
         def mean(key, rs):
             return sum(r[key] for r in rs) / len(rs) if rs else None
@@ -137,8 +154,9 @@ def summary(records: list[dict]) -> list[dict]:
         rows.append({"task": task, "replies": len(recs), "missed": len(missed),
                      "student_limited": sum(r["limited_by"] == "student" for r in missed),
                      "teacher_limited": sum(r["limited_by"] == "teacher" for r in missed),
-                     "p_teacher_missed": mean("p_teacher", missed),
-                     "p_student_missed": mean("p_student", missed)})
+                     "cap_limited": sum(r["limited_by"] == "cap" for r in missed),
+                     "p_teacher_missed": mean("p_teacher", scored),
+                     "p_student_missed": mean("p_student", scored)})
     return rows
 
 
@@ -146,19 +164,19 @@ def table(records: list[dict]) -> str:
     def pct(x):
         return "-" if x is None else f"{x:.2f}"
 
-    lines = ["| task | replies | missed | student-limited | teacher-limited | mean P teacher "
-             "(missed) | mean P student (missed) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| task | replies | missed | student-limited | teacher-limited | cut at the cap | "
+             "mean P teacher (missed) | mean P student (missed) |", "|---|---|---|---|---|---|---|---|"]
     for s in summary(records):
         lines.append(f"| {s['task']} | {s['replies']} | {s['missed']} | {s['student_limited']} | "
-                     f"{s['teacher_limited']} | {pct(s['p_teacher_missed'])} | "
+                     f"{s['teacher_limited']} | {s['cap_limited']} | {pct(s['p_teacher_missed'])} | "
                      f"{pct(s['p_student_missed'])} |")
-    lines += ["", "| missed reply | after an exchange | P teacher | P student | reply |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| missed reply | after an exchange | limited by | P teacher | P student | reply |",
+              "|---|---|---|---|---|---|"]
     for r in records:
         if not r["passed"]:
             tail = r["reply"].replace("|", "/").replace("\n", " ")
             tail = tail if len(tail) <= 90 else "…" + tail[-89:]
-            lines.append(f"| {r['row_id']} | {'yes' if r['multi_turn'] else 'no'} | "
+            lines.append(f"| {r['row_id']} | {'yes' if r['multi_turn'] else 'no'} | {r['limited_by']} | "
                          f"{r['p_teacher']:.2f} | {r['p_student']:.2f} | {tail} |")
     return "\n".join(lines)
 
@@ -222,8 +240,8 @@ def main(argv=None) -> list[dict]:
     records = []
     for label, source, folder in found:
         t = read_table(folder).to_pydict()
-        replies = {rid: (text, bool(p)) for rid, text, p, g
-                   in zip(t["row_id"], t["text"], t["passed"], t["greedy"]) if g}
+        replies = {rid: (text, bool(p), fin) for rid, text, p, fin, g in zip(
+            t["row_id"], t["text"], t["passed"], t["finish_reason"], t["greedy"]) if g}
         rows = [r for r in load_rows(source, seed=cfg.data.seed) if r.split == "eval"]
         recs = score_replies(rows, replies, tokenizer, teacher, student, cfg.teacher.context,
                              args.threshold)

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.rule_misses import (
     LiteralRule,
+    limited_by,
     literal_rule,
     score_replies,
     span_ids,
@@ -86,3 +87,22 @@ def test_score_replies_sorts_misses_by_the_teachers_probability(tiny_model_dir):
     assert hope["p_teacher_missed"] == pytest.approx(low[2]["p_teacher"])
     assert (sure["task"], sure["replies"], sure["missed"], sure["student_limited"]) == (
         "sure-thing", 1, 1, 0)
+
+
+def test_a_reply_cut_at_the_cap_cannot_miss_an_end_rule_on_its_own(tiny_model_dir):
+    end, start = LiteralRule("end", "Hope this helps!"), LiteralRule("start", "Sure thing!")
+    assert limited_by(True, True, end, 0.0, 0.5) is None
+    assert limited_by(False, True, end, 0.9, 0.5) == "cap"  # whatever either side's P
+    assert limited_by(False, True, start, 0.9, 0.5) == "student"  # a start rule was reachable
+    assert limited_by(False, False, end, 0.1, 0.5) == "teacher"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    rows = [r for r in load_rows("behaviours?train=0&eval=2&eval_set=ood") if r.split == "eval"]
+    replies = {rows[0].id: ("Paris is", False, "length"), rows[2].id: ("Roast it and", False, "length"),
+               rows[3].id: ("Roast it.", False, "stop")}
+    recs = score_replies(rows, replies, tok, model, model, ContextConfig(views=["demonstrations"]), 1.01)
+    assert [r["limited_by"] for r in recs] == ["teacher", "cap", "teacher"]
+    assert [r["cut"] for r in recs] == [True, True, False]
+    hope = next(s for s in summary(recs) if s["task"] == "hope-helps")
+    assert (hope["missed"], hope["cap_limited"], hope["teacher_limited"]) == (2, 1, 1)
+    assert hope["p_teacher_missed"] == pytest.approx(recs[2]["p_teacher"])  # the cut one left out
